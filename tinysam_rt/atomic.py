@@ -1,0 +1,70 @@
+"""Atomic file publishing: write to a temp file beside the target, then `os.replace`.
+
+A crash or exception mid-write leaves either the old complete file or nothing, never half a file.
+"""
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def atomic_path(target):
+    """Yield a temp path in `target`'s directory; on clean exit rename it onto `target`.
+
+    The caller writes the whole file to the yielded path (and may verify it) inside the block.
+    On any exception the temp file is removed and `target` is left untouched.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_bytes(target, data):
+    """Write `data` (bytes) to `target` atomically."""
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_text(target, text):
+    """Write `text` (str, UTF-8) to `target` atomically."""
+    atomic_write_bytes(target, text.encode("utf-8"))
+
+
+@contextlib.contextmanager
+def atomic_directory(target):
+    """Yield a temp directory beside `target`; on clean exit it replaces `target` whole.
+
+    Used by export and quantize, which publish several files that only make sense together.
+    An existing `target` is kept until the new one is complete, then swapped out.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    old = None
+    try:
+        yield tmp
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+            os.replace(target, old / target.name)
+            try:
+                os.replace(tmp, target)
+            except BaseException:
+                os.replace(old / target.name, target)  # put the previous complete output back
+                raise
+        else:
+            os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
