@@ -1,0 +1,189 @@
+"""`tinysam` command line: one small function per subcommand (parse -> call library -> write).
+
+Heavy imports (onnxruntime, cv2, torch) happen inside the subcommand functions, so `--help` and
+`--version` answer at once. User errors print one line to stderr: exit 2 for usage, 1 at run
+time; `--debug` shows the traceback instead.
+"""
+
+import argparse
+import sys
+
+from tinysam_rt import __version__
+
+EXIT_RUNTIME = 1
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (exit 2), not usage + message."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+class UsageError(Exception):
+    """A flag combination argparse cannot check by itself (exit 2)."""
+
+
+def _floats(text, count, what):
+    parts = text.split(",")
+    if len(parts) not in count:
+        raise argparse.ArgumentTypeError(f"{what} must be {'|'.join(map(str, count))} comma-separated numbers, got {text!r}")
+    try:
+        return [float(p) for p in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{what} must be numbers, got {text!r}") from None
+
+
+def parse_point(text):
+    """'X,Y' or 'X,Y,LABEL' -> (x, y, label); label 1 = foreground (default), 0 = background."""
+    values = _floats(text, (2, 3), "--point")
+    label = values[2] if len(values) == 3 else 1.0
+    if label not in (0.0, 1.0):
+        raise argparse.ArgumentTypeError(f"--point label must be 1 (foreground) or 0 (background), got {text!r}")
+    return values[0], values[1], label
+
+
+def parse_box(text):
+    """'X0,Y0,X1,Y1' -> [x0, y0, x1, y1]."""
+    return _floats(text, (4,), "--box")
+
+
+def positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _add_model_flags(parser):
+    parser.add_argument("--model", metavar="DIR", default=None,
+                        help="model directory with manifest.json (default: $TINYSAM_MODEL_DIR, "
+                             "then ~/.cache/tinysam-rt/vit_t)")
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="ONNX Runtime intra-op threads (default: one per core)")
+
+
+def _cmd_segment(args):
+    import numpy as np
+
+    from tinysam_rt import io
+    from tinysam_rt.predictor import TinySAMPredictor
+
+    if not args.point and args.box is None:
+        raise UsageError("segment needs at least one --point or a --box")
+    image = io.load_image(args.image)
+    predictor = TinySAMPredictor(model_dir=args.model, threads=args.threads)
+    predictor.set_image(image)
+    coords = np.array([p[:2] for p in args.point], dtype=np.float64) if args.point else None
+    labels = np.array([p[2] for p in args.point], dtype=np.float32) if args.point else None
+    masks, scores, _ = predictor.predict(coords, labels, box=args.box, multimask_output=True)
+    best = int(np.argmax(scores))
+    result = {
+        "image": str(args.image),
+        "image_size": list(image.shape[:2]),
+        "points": [list(p) for p in args.point],
+        "box": args.box,
+        "scores": [float(s) for s in scores],
+        "best_index": best,
+        "best_score": float(scores[best]),
+        "mask_area": int(masks[best].sum()),
+        "model": {"dir": str(predictor.manifest.model_dir), "weights_id": predictor.manifest.weights_id,
+                  "encoder": predictor.manifest.encoder.precision, "decoder": predictor.manifest.decoder.precision},
+    }
+    overlay = io.overlay_masks(image, masks[best:best + 1])
+    # Everything is computed before the first write, so a failure writes nothing.
+    out = args.out
+    io.write_png(out / "mask.png", masks[best])
+    io.write_png(out / "overlay.png", overlay)
+    io.write_json(out / "result.json", result)
+    print(f"best mask score {scores[best]:.3f}, area {result['mask_area']} px -> {out}/mask.png, overlay.png, result.json")
+    if predictor.manifest.weights_id.startswith("random"):
+        print("note: this model has RANDOM weights (no checkpoint was exported); masks are not meaningful")
+    return 0
+
+
+def _add_segment(subparsers):
+    from pathlib import Path
+
+    parser = subparsers.add_parser("segment", help="segment one object from point/box prompts",
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("image", type=Path, help="image file (JPEG, PNG, ...)")
+    parser.add_argument("--point", type=parse_point, action="append", default=[], metavar="X,Y[,LABEL]",
+                        help="a point prompt in pixels; LABEL 1 = foreground (default), 0 = background; repeatable")
+    parser.add_argument("--box", type=parse_box, default=None, metavar="X0,Y0,X1,Y1", help="a box prompt in pixels")
+    parser.add_argument("--out", type=Path, default=Path("out"), help="output directory")
+    _add_model_flags(parser)
+    parser.set_defaults(func=_cmd_segment)
+
+
+def _cmd_export(args):
+    if (args.checkpoint is None) == (args.random_seed is None):
+        raise UsageError("export needs exactly one of --checkpoint PATH or --random-seed N")
+    try:
+        from tinysam_export.export_onnx import export_model
+    except ImportError as exc:
+        raise RuntimeError(f"`tinysam export` needs the export extra (torch): pip install 'tinysam-rt[export]' ({exc})") from None
+    if args.checkpoint is None:
+        print(f"exporting RANDOM weights (seed {args.random_seed}): fine for testing and benchmarks, masks are not meaningful")
+    manifest_path = export_model(args.out, checkpoint=args.checkpoint, seed=args.random_seed, opset=args.opset)
+    print(f"wrote {manifest_path.parent}/ (encoder.onnx, decoder.onnx, manifest.json)")
+    return 0
+
+
+def _add_export(subparsers):
+    from pathlib import Path
+
+    from tinysam_rt.manifest import default_model_dir
+
+    parser = subparsers.add_parser("export", help="export a TinySAM checkpoint to ONNX (needs torch)",
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--checkpoint", type=Path, default=None, help="TinySAM/MobileSAM vit_t checkpoint, e.g. tinysam_42.3.pth")
+    parser.add_argument("--random-seed", type=int, default=None, metavar="N", help="export seeded random weights instead")
+    parser.add_argument("--out", type=Path, default=default_model_dir(), help="output model directory")
+    parser.add_argument("--opset", type=positive_int, default=17, help="ONNX opset")
+    parser.set_defaults(func=_cmd_export)
+
+
+# Subcommands register here; each adds its parser and sets `func`.
+SUBCOMMANDS = [_add_segment, _add_export]
+
+
+def build_parser():
+    parser = _Parser(prog="tinysam", description="TinySAM segmentation on ONNX Runtime (no torch needed).")
+    parser.add_argument("--version", action="version", version=f"tinysam-rt {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for add in SUBCOMMANDS:
+        add(subparsers)
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        return args.func(args)
+    except UsageError as exc:
+        if args.debug:
+            raise
+        print(f"tinysam {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (ValueError, TypeError, OSError, RuntimeError) as exc:  # ModelFileError is a ValueError
+        if args.debug:
+            raise
+        print(f"tinysam {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
+    except KeyboardInterrupt:
+        print("tinysam: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""TinySAMPredictor: set an image once, then prompt it many times. Wiring only, no math."""
+
+import logging
+
+import numpy as np
+
+from tinysam_rt import postprocess, preprocess, prompts
+from tinysam_rt.embedding import EmbeddingCache, ImageEmbedding, image_digest
+from tinysam_rt.manifest import load_manifest, resolve_model_dir
+from tinysam_rt.sessions import load_sessions
+
+logger = logging.getLogger(__name__)
+
+
+class TinySAMPredictor:
+    """SAM's predictor API on ONNX Runtime.
+
+    `predict` follows `segment_anything.SamPredictor.predict`, with TinySAM's one difference:
+    the decoder always yields its 3 multimask outputs (tokens 1..3), so `multimask_output=False`
+    returns the one of those 3 with the highest predicted IoU (SAM would return token 0).
+
+    Thread safety: the sessions and the embedding cache are safe to share; the *current image*
+    is per predictor, so give each thread its own predictor: `predictor.clone()` shares the
+    sessions and the cache but not the current image.
+    """
+
+    def __init__(self, image=None, model_dir=None, threads=None, cache_size=4, _shared=None):
+        """
+        Args:
+            image: optional (H, W, 3) uint8 RGB image to set right away.
+            model_dir: directory with manifest.json; default: $TINYSAM_MODEL_DIR, then
+                ~/.cache/tinysam-rt/vit_t.
+            threads: ORT intra-op threads (None: one per core).
+            cache_size: how many image embeddings to keep (LRU); 0 disables caching.
+        """
+        if _shared is None:
+            manifest = load_manifest(resolve_model_dir(model_dir))
+            encoder, decoder = load_sessions(manifest, threads)
+            _shared = (manifest, encoder, decoder, EmbeddingCache(cache_size))
+        self.manifest, self._encoder, self._decoder, self._cache = _shared
+        self._embedding = None
+        if image is not None:
+            self.set_image(image)
+
+    def clone(self):
+        """A predictor with its own current image, sharing sessions and cache with this one."""
+        return TinySAMPredictor(_shared=(self.manifest, self._encoder, self._decoder, self._cache))
+
+    # -- image ---------------------------------------------------------------------------------
+
+    def set_image(self, image, image_format="RGB"):
+        """Compute (or fetch from the cache) the embedding of `image` and make it current.
+
+        Args:
+            image: (H, W, 3) uint8. Strided and read-only arrays are fine.
+            image_format: "RGB" (default) or "BGR" (e.g. straight from cv2.imread). Channel
+                order cannot be detected from the pixels; passing BGR as RGB silently degrades
+                masks.
+        """
+        if image_format not in ("RGB", "BGR"):
+            raise ValueError(f"image_format must be 'RGB' or 'BGR', got {image_format!r}")
+        image = preprocess.check_image(image)
+        if image_format == "BGR":
+            image = image[..., ::-1]
+        self._embedding = self.embed(image)
+        return self._embedding
+
+    def embed(self, image):
+        """The ImageEmbedding of an RGB image, from the cache when the same content was seen.
+
+        Does not change the current image.
+        """
+        image = preprocess.check_image(image)
+        key = (image_digest(image), self.manifest.model_id)
+        embedding = self._cache.get(key)
+        if embedding is None:
+            embedding = self._encode(image)
+            self._cache.put(key, embedding)
+        return embedding
+
+    def _encode(self, image):
+        pre = self.manifest.preprocess
+        resized = preprocess.resize_longest_side(image, pre.image_size)  # (h, w, 3)
+        tensor = preprocess.normalize_pad(resized, pre.pixel_mean, pre.pixel_std, pre.image_size, pre.pad_value)
+        features = self._encoder.run(tensor)  # (1, 256, 64, 64)
+        features.setflags(write=False)
+        return ImageEmbedding(features, tuple(image.shape[:2]), tuple(resized.shape[:2]), self.manifest.model_id)
+
+    def set_embedding(self, embedding):
+        """Make a previously computed ImageEmbedding current (must come from this model)."""
+        if not isinstance(embedding, ImageEmbedding):
+            raise TypeError(f"embedding must be an ImageEmbedding, got {type(embedding).__name__}")
+        if embedding.model_id != self.manifest.model_id:
+            raise ValueError("embedding was made by a different encoder than this predictor's")
+        self._embedding = embedding
+
+    def reset_image(self):
+        """Forget the current image (cached embeddings stay in the cache)."""
+        self._embedding = None
+
+    @property
+    def is_image_set(self):
+        return self._embedding is not None
+
+    @property
+    def embedding(self):
+        return self._require_embedding()
+
+    @property
+    def original_size(self):
+        return self._require_embedding().original_size
+
+    @property
+    def input_size(self):
+        return self._require_embedding().input_size
+
+    @property
+    def cache_len(self):
+        return len(self._cache)
+
+    def _require_embedding(self):
+        if self._embedding is None:
+            raise RuntimeError("no image is set: call set_image(image) (or pass image= to the constructor) before predict")
+        return self._embedding
+
+    # -- prompts -------------------------------------------------------------------------------
+
+    def predict(self, point_coords=None, point_labels=None, box=None, mask_input=None,
+                multimask_output=True, return_logits=False):
+        """Masks for one prompt (points and/or a box, optionally a previous low-res mask).
+
+        Args:
+            point_coords: (N, 2) array or list of (x, y) pixels in the original image, or None.
+            point_labels: (N,) 1 = foreground, 0 = background; None means all foreground.
+            box: (4,) XYXY pixels in the original image, or None.
+            mask_input: (1, 256, 256) low-res logits from a previous call, or None.
+            multimask_output: True: all 3 masks; False: the one with the highest score.
+            return_logits: return float logits instead of boolean masks.
+
+        Returns:
+            masks (C, H, W) bool (float32 logits with return_logits), scores (C,) float32,
+            low_res_logits (C, 256, 256) float32; C = 3 or 1.
+        """
+        embedding = self._require_embedding()
+        size = embedding.original_size
+        coords, labels = prompts.validate_points(point_coords, point_labels, size)
+        box = prompts.validate_box(box, size)
+        mask = prompts.validate_mask_input(mask_input)
+        if coords is None and box is None:
+            raise ValueError("predict needs point_coords or box (mask_input alone is not a prompt)")
+        long_side = self.manifest.preprocess.image_size
+        coords_1024 = None if coords is None else preprocess.coords_to_input_frame(coords, size, long_side)
+        box_1024 = None if box is None else preprocess.boxes_to_input_frame(box, size, long_side)
+        feed_coords, feed_labels = prompts.pack_prompt(coords_1024, labels, box_1024)
+        feed_mask, has_mask = prompts.mask_feeds(mask, 1)
+        low_res, scores = self._decoder.run(embedding.features, feed_coords, feed_labels, feed_mask, has_mask)
+        low_res, scores = low_res[0], scores[0]  # (3, 256, 256), (3,)
+        if not multimask_output:
+            best = int(np.argmax(scores))
+            low_res, scores = low_res[best:best + 1], scores[best:best + 1]
+        masks = postprocess.upscale_logits(low_res[None], embedding.input_size, size)[0]  # (C, H, W)
+        if not return_logits:
+            masks = masks > self.manifest.mask_threshold
+        return masks, scores, low_res
+
+    def predict_batch(self, point_coords, point_labels, mask_input=None, embedding=None):
+        """B prompts in one decoder run, in the 1024 frame, without upsampling.
+
+        Args:
+            point_coords: (B, N, 2) XY in the 1024 frame; include SAM's padding point (0, 0)
+                with label -1 for prompts without a box.
+            point_labels: (B, N) in {-1, 0, 1, 2, 3}.
+            mask_input: (B, 1, 256, 256) low-res logits or None.
+            embedding: an ImageEmbedding to use instead of the current image.
+
+        Returns:
+            low_res_logits (B, 3, 256, 256) float32, iou_predictions (B, 3) float32.
+        """
+        embedding = embedding or self._require_embedding()
+        coords, labels, mask, has_mask = prompts.validate_batch(point_coords, point_labels, mask_input)
+        return self._decoder.run(embedding.features, coords, labels, mask, has_mask)
