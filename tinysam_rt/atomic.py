@@ -10,6 +10,12 @@ import tempfile
 from pathlib import Path
 
 
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(target):
     """Yield a temp path in `target`'s directory; on clean exit rename it onto `target`.
@@ -24,6 +30,7 @@ def atomic_path(target):
     tmp = Path(tmp_name)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; published files get normal modes
         os.replace(tmp, target)
     finally:
         if tmp.exists():
@@ -54,6 +61,7 @@ def atomic_directory(target):
     old = None
     try:
         yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
             os.replace(target, old / target.name)
