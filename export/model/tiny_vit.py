@@ -95,6 +95,7 @@ class PatchMerging(nn.Module):
     def __init__(self, resolution, dim, out_dim):
         super().__init__()
         self.resolution = resolution
+        self.dim = dim
         # Upstream keeps the SAM encoder at 64x64 by not striding into the last stage; it keys
         # this on the output width (320/448/576 are the last-stage widths of its variants).
         stride = 1 if out_dim in (320, 448, 576) else 2
@@ -105,8 +106,7 @@ class PatchMerging(nn.Module):
     def forward(self, x):
         if x.ndim == 3:
             H, W = self.resolution
-            B, L, C = x.shape
-            x = x.transpose(1, 2).reshape(B, C, H, W)
+            x = x.transpose(1, 2).reshape(-1, self.dim, H, W)
         x = F.gelu(self.conv1(x))
         x = F.gelu(self.conv2(x))
         x = self.conv3(x)  # (B, C', H', W')
@@ -165,7 +165,9 @@ class Attention(nn.Module):
 
     def __init__(self, dim, num_heads, window_size):
         super().__init__()
+        self.dim = dim
         self.num_heads = num_heads
+        self.window_area = window_size * window_size
         self.head_dim = dim // num_heads  # key, query and value widths are equal (attn_ratio 1)
         self.scale = self.head_dim**-0.5
         self.norm = nn.LayerNorm(dim)
@@ -176,26 +178,28 @@ class Attention(nn.Module):
         self.register_buffer("attention_bias_idxs", relative_offset_index(window_size), persistent=False)
 
     def forward(self, x):
-        B, N, C = x.shape
+        N, C = self.window_area, self.dim  # static, so the graph has no shape arithmetic
         qkv = self.qkv(self.norm(x))  # (B, N, 3C)
         # The checkpoint's qkv rows are laid out per head as [q | k | v], not [all q | all k | all v].
-        qkv = qkv.view(B, N, self.num_heads, 3 * self.head_dim).permute(0, 2, 1, 3)  # (B, nh, N, 3hd)
+        qkv = qkv.view(-1, N, self.num_heads, 3 * self.head_dim).permute(0, 2, 1, 3)  # (B, nh, N, 3hd)
         q, k, v = qkv.split(self.head_dim, dim=3)  # each (B, nh, N, hd)
         bias = self.attention_biases[:, self.attention_bias_idxs]  # (nh, N, N), never cached
         attn = (q @ k.transpose(-2, -1)) * self.scale + bias  # (B, nh, N, N)
         x = attn.softmax(dim=-1) @ v  # (B, nh, N, hd)
-        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+        return self.proj(x.transpose(1, 2).reshape(-1, N, C))
 
 
-def window_partition(x, window_size):
+def window_partition(x, window_size, hwc):
     """Split a token map into zero-padded windows.
 
     Args:
         x: (B, H, W, C).
+        window_size: int window side.
+        hwc: (H, W, C) as Python ints, so tracing records no shape arithmetic.
     Returns:
         (B * nH * nW, window_size**2, C) windows, and the padded (Hp, Wp).
     """
-    B, H, W, C = x.shape
+    H, W, C = hwc
     pad_b = (window_size - H % window_size) % window_size
     pad_r = (window_size - W % window_size) % window_size
     if pad_b or pad_r:
@@ -203,16 +207,15 @@ def window_partition(x, window_size):
         x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
     Hp, Wp = H + pad_b, W + pad_r
     nH, nW = Hp // window_size, Wp // window_size
-    x = x.view(B, nH, window_size, nW, window_size, C).transpose(2, 3)  # (B, nH, nW, ws, ws, C)
-    return x.reshape(B * nH * nW, window_size * window_size, C), (Hp, Wp)
+    x = x.view(-1, nH, window_size, nW, window_size, C).transpose(2, 3)  # (B, nH, nW, ws, ws, C)
+    return x.reshape(-1, window_size * window_size, C), (Hp, Wp)
 
 
-def window_reverse(windows, window_size, padded_hw, hw):
+def window_reverse(windows, window_size, padded_hw, hwc):
     """Inverse of `window_partition`: (B*nH*nW, ws*ws, C) -> (B, H, W, C), padding cropped."""
     Hp, Wp = padded_hw
-    H, W = hw
+    H, W, C = hwc
     nH, nW = Hp // window_size, Wp // window_size
-    C = windows.shape[-1]
     x = windows.view(-1, nH, nW, window_size, window_size, C).transpose(2, 3)  # (B, nH, ws, nW, ws, C)
     x = x.reshape(-1, Hp, Wp, C)
     return x[:, :H, :W]
@@ -223,6 +226,7 @@ class TinyViTBlock(nn.Module):
 
     def __init__(self, dim, resolution, num_heads, window_size, mlp_ratio, local_conv_size):
         super().__init__()
+        self.dim = dim
         self.resolution = resolution
         self.window_size = window_size
         self.attn = Attention(dim, num_heads, window_size)
@@ -230,13 +234,13 @@ class TinyViTBlock(nn.Module):
         self.local_conv = Conv2dBN(dim, dim, local_conv_size, 1, local_conv_size // 2, groups=dim)
 
     def forward(self, x):
-        H, W = self.resolution
-        B, L, C = x.shape
-        windows, padded_hw = window_partition(x.view(B, H, W, C), self.window_size)
-        attn = window_reverse(self.attn(windows), self.window_size, padded_hw, (H, W))
-        x = x + attn.reshape(B, L, C)
-        x = self.local_conv(x.transpose(1, 2).reshape(B, C, H, W))  # (B, C, H, W)
-        x = x.view(B, C, L).transpose(1, 2)  # (B, L, C)
+        (H, W), C = self.resolution, self.dim
+        L = H * W
+        windows, padded_hw = window_partition(x.view(-1, H, W, C), self.window_size, (H, W, C))
+        attn = window_reverse(self.attn(windows), self.window_size, padded_hw, (H, W, C))
+        x = x + attn.reshape(-1, L, C)
+        x = self.local_conv(x.transpose(1, 2).reshape(-1, C, H, W))  # (B, C, H, W)
+        x = x.view(-1, C, L).transpose(1, 2)  # (B, L, C)
         return x + self.mlp(x)
 
 
@@ -324,7 +328,6 @@ class TinyViT(nn.Module):
         x = self.patch_embed(x)  # (B, 64, 256, 256)
         for layer in self.layers:
             x = layer(x)  # tokens (B, L, C) after layers.0
-        B, L, C = x.shape
         side = stage_resolutions(self.config)[-1]
-        x = x.transpose(1, 2).reshape(B, C, side, side)  # (B, 320, 64, 64)
+        x = x.transpose(1, 2).reshape(-1, self.config.embed_dims[-1], side, side)  # (B, 320, 64, 64)
         return self.neck(x)  # (B, 256, 64, 64)

@@ -1,0 +1,227 @@
+"""Export TinySAM vit_t to a tinysam-rt model directory: encoder.onnx, decoder.onnx, manifest.json.
+
+Everything is written into a temp directory beside the target, both graphs are loaded and run
+once in ONNX Runtime through the runtime's own manifest and session checks, and only then is the
+directory swapped into place (`tinysam_rt.atomic.atomic_directory`). A failure at any step leaves
+no output and any previous output untouched.
+
+Uses the TorchScript-based exporter (`torch.onnx.export(..., dynamo=False)`), as SAM's own
+`scripts/export_onnx_model.py` does: it folds BatchNorm and the attention-bias gathers into
+constants and handles the dynamic B and N axes of the decoder.
+
+    python -m tinysam_export.export_onnx --random-seed 0 --out DIR
+"""
+
+import argparse
+import datetime
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime
+import torch
+
+import tinysam_rt
+from tinysam_rt import manifest as manifest_mod
+from tinysam_rt.atomic import atomic_directory
+from tinysam_rt.sessions import DecoderSession, EncoderSession
+from tinysam_export.model.build import IMAGE_SIZE, MASK_TOKENS, PIXEL_MEAN, PIXEL_STD, build_tinysam
+from tinysam_export.onnx_wrappers import DecoderOnnx, EncoderOnnx
+
+ENCODER_FILE = "encoder.onnx"
+DECODER_FILE = "decoder.onnx"
+MODEL_NAME = "tinysam_vit_t"
+EXPORTER = "torch.onnx.export (TorchScript tracer, dynamo=False)"
+# Trace the decoder with B and N other than 1 so the tracer cannot specialise a size-1 axis.
+TRACE_B, TRACE_N = 2, 3
+
+
+def weights_info(checkpoint, seed):
+    """The manifest's "weights" block.
+
+    Returns:
+        dict: source, checkpoint_sha256, seed, weights_id ("sha256:<hex>" | "random-seed-<N>").
+    """
+    if checkpoint is not None:
+        digest = manifest_mod.sha256_file(checkpoint)
+        return {"source": "checkpoint", "checkpoint_sha256": digest, "seed": None, "weights_id": f"sha256:{digest}"}
+    return {"source": "random", "checkpoint_sha256": None, "seed": seed, "weights_id": f"random-seed-{seed}"}
+
+
+def _example_decoder_inputs(batch, num_points, image_embeddings=None):
+    """Decoder feeds in the contract's order: (embeddings, coords, labels, mask_input, has_mask)."""
+    gen = torch.Generator().manual_seed(0)
+    if image_embeddings is None:
+        image_embeddings = torch.randn(1, 256, 64, 64, generator=gen)
+    coords = torch.rand(batch, num_points, 2, generator=gen) * IMAGE_SIZE  # (B, N, 2) XY, 1024 frame
+    labels = torch.randint(-1, 4, (batch, num_points), generator=gen).float()  # (B, N) every label kind
+    mask_input = torch.randn(batch, 1, 256, 256, generator=gen)
+    has_mask_input = (torch.arange(batch) % 2).float()  # (B,) with and without a mask
+    return image_embeddings, coords, labels, mask_input, has_mask_input
+
+
+def _set_output_shapes(path, outputs):
+    """Write the contract's output shapes into the graph (the tracer leaves some axes unnamed)."""
+    model = onnx.load(str(path))
+    by_name = {out.name: out for out in model.graph.output}
+    for name, shape in outputs:
+        dims = by_name[name].type.tensor_type.shape.dim
+        del dims[:]
+        for axis in shape:
+            dim = dims.add()
+            if isinstance(axis, int):
+                dim.dim_value = axis
+            else:
+                dim.dim_param = axis
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+
+
+def _torch_export(module, args, path, inputs, outputs, dynamic_axes, opset):
+    names = [name for name, _ in inputs], [name for name, _ in outputs]
+    with torch.no_grad(), warnings.catch_warnings():
+        # Expected and harmless here: the TorchScript exporter is chosen deliberately (see module
+        # docstring), B and N are declared dynamic, and unfoldable slices are left to ORT.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message="Constant folding - Only steps=1", category=UserWarning)
+        torch.onnx.export(
+            module, args, str(path), dynamo=False, opset_version=opset, do_constant_folding=True,
+            input_names=names[0], output_names=names[1], dynamic_axes=dynamic_axes,
+        )
+    _set_output_shapes(path, outputs)
+
+
+def export_encoder(model, path, opset=17):
+    """Write the image encoder graph (ENCODER_INPUTS -> ENCODER_OUTPUTS) to `path`."""
+    image = torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(0))
+    _torch_export(EncoderOnnx(model).eval(), (image,), path, manifest_mod.ENCODER_INPUTS,
+                  manifest_mod.ENCODER_OUTPUTS, None, opset)
+
+
+def export_decoder(model, path, opset=17):
+    """Write the prompt-encoder + mask-decoder graph (DECODER_INPUTS -> DECODER_OUTPUTS), B and N dynamic."""
+    dynamic_axes = {
+        name: {axis: dim for axis, dim in enumerate(shape) if isinstance(dim, str)}
+        for name, shape in manifest_mod.DECODER_INPUTS + manifest_mod.DECODER_OUTPUTS
+        if any(isinstance(dim, str) for dim in shape)
+    }
+    _torch_export(DecoderOnnx(model).eval(), _example_decoder_inputs(TRACE_B, TRACE_N), path,
+                  manifest_mod.DECODER_INPUTS, manifest_mod.DECODER_OUTPUTS, dynamic_axes, opset)
+
+
+def build_manifest(model_dir, weights, opset):
+    """The manifest document (see tinysam_rt/manifest.py) for the graphs in `model_dir`."""
+    graph = manifest_mod.graph_entry
+    weights_id = weights["weights_id"]
+    return {
+        "format": manifest_mod.MANIFEST_FORMAT,
+        "format_version": manifest_mod.FORMAT_VERSION,
+        "model": MODEL_NAME,
+        "tinysam_rt_version": tinysam_rt.__version__,
+        "weights": weights,
+        "opset": opset,
+        "preprocess": {
+            "image_size": IMAGE_SIZE,
+            "pixel_mean": list(PIXEL_MEAN),
+            "pixel_std": list(PIXEL_STD),
+            "resize": "longest_side",
+            "resize_filter": "bilinear_antialias",  # SAM resizes with PIL's antialiased bilinear
+            "pad": "bottom_right",
+            "pad_value": 0.0,
+            "normalize": "runtime",  # the encoder graph takes an already normalised image
+        },
+        "postprocess": {"mask_threshold": 0.0, "low_res_size": 256, "mask_tokens": list(MASK_TOKENS)},
+        "graphs": {
+            "encoder": graph("encoder", model_dir / ENCODER_FILE, "fp32", weights_id,
+                             manifest_mod.ENCODER_INPUTS, manifest_mod.ENCODER_OUTPUTS),
+            "decoder": graph("decoder", model_dir / DECODER_FILE, "fp32", weights_id,
+                             manifest_mod.DECODER_INPUTS, manifest_mod.DECODER_OUTPUTS),
+        },
+        "quantization": None,
+        "export": {
+            "exporter": EXPORTER,
+            "opset": opset,
+            "torch": torch.__version__,
+            "onnx": onnx.__version__,
+            "onnxruntime_smoke_run": onnxruntime.__version__,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        },
+    }
+
+
+def smoke_run(model_dir):
+    """Load `model_dir` as the runtime would (sha256, I/O contract) and run each graph once.
+
+    Raises:
+        ModelFileError: from the runtime's checks.
+        RuntimeError: an output has the wrong shape or is not finite.
+    """
+    manifest = manifest_mod.load_manifest(model_dir)
+    encoder = EncoderSession(manifest.encoder, threads=1)
+    decoder = DecoderSession(manifest.decoder, threads=1)
+    image = np.random.default_rng(0).standard_normal((1, 3, IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
+    embeddings = encoder.run(image)
+    feeds = [t.numpy() for t in _example_decoder_inputs(TRACE_B + 1, TRACE_N + 1)]
+    masks, iou = decoder.run(embeddings, *feeds[1:])
+    expected = {"image_embeddings": (1, 256, 64, 64), "low_res_masks": (TRACE_B + 1, 3, 256, 256),
+                "iou_predictions": (TRACE_B + 1, 3)}
+    for name, value in zip(expected, (embeddings, masks, iou)):
+        if value.shape != expected[name] or not np.isfinite(value).all():
+            raise RuntimeError(f"smoke run of {model_dir}: {name} has shape {value.shape} "
+                               f"(expected {expected[name]}) or non-finite values")
+
+
+def export_model(out_dir, checkpoint=None, seed=0, opset=17):
+    """Export TinySAM vit_t to `out_dir` (replaced whole, atomically).
+
+    Args:
+        out_dir: str or Path of the model directory to create or replace.
+        checkpoint: path of a vit_t checkpoint, or None for random weights from `seed`.
+        seed: int, used only when `checkpoint` is None.
+        opset: ONNX opset (17 is the tested one).
+    Returns:
+        Path of the published manifest.json.
+    Raises:
+        ValueError: bad arguments or a checkpoint that does not match (keys named).
+    """
+    if checkpoint is None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise ValueError(f"seed must be an int when no checkpoint is given, got {seed!r}")
+    if checkpoint is not None and not Path(checkpoint).is_file():
+        raise ValueError(f"checkpoint must be an existing file, got {checkpoint}")
+    out_dir = Path(out_dir)
+    model = build_tinysam(checkpoint, seed)
+    weights = weights_info(checkpoint, seed)
+    with atomic_directory(out_dir) as tmp:
+        export_encoder(model, tmp / ENCODER_FILE, opset)
+        export_decoder(model, tmp / DECODER_FILE, opset)
+        doc = build_manifest(tmp, weights, opset)
+        (tmp / manifest_mod.MANIFEST_NAME).write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+        smoke_run(tmp)
+    return out_dir / manifest_mod.MANIFEST_NAME
+
+
+def main(argv=None):
+    """`python -m tinysam_export.export_onnx (--checkpoint PATH | --random-seed N) --out DIR`."""
+    parser = argparse.ArgumentParser(prog="python -m tinysam_export.export_onnx", description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", type=Path, help="TinySAM vit_t checkpoint, e.g. tinysam_42.3.pth")
+    source.add_argument("--random-seed", type=int, metavar="N", help="export seeded random weights instead")
+    parser.add_argument("--out", type=Path, required=True, help="output model directory (replaced whole)")
+    parser.add_argument("--opset", type=int, default=17, help="ONNX opset")
+    args = parser.parse_args(argv)
+    try:
+        path = export_model(args.out, checkpoint=args.checkpoint, seed=args.random_seed, opset=args.opset)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {path.parent}/ ({ENCODER_FILE}, {DECODER_FILE}, {manifest_mod.MANIFEST_NAME})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
