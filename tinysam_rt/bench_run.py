@@ -1,0 +1,236 @@
+"""The measurements behind `tinysam-bench`, built only from the runtime's public pieces.
+
+Each timed call records wall time, the CPU time the whole process got (all ORT threads) and the
+time its threads sat runnable waiting for a core. On a shared machine a slow run with a low
+cpu/wall ratio or a large run-queue wait was slowed by other load, not by the model.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import cv2
+import numpy as np
+
+from tinysam_rt import flops, gemm_peak, postprocess, preprocess, prompts, sysinfo
+from tinysam_rt.io import write_png
+from tinysam_rt.manifest import load_manifest
+from tinysam_rt.predictor import TinySAMPredictor
+from tinysam_rt.sessions import DecoderSession, EncoderSession
+
+STAGES = ("preprocess", "encoder", "decoder_1", "decoder_batch", "postprocess", "end_to_end")
+# TinySAM (Shu et al. 2023, Table 1) reports "42.0 GFLOPs" for vit_t; the number counts
+# multiply-accumulates (fvcore's convention), so it compares with our MACs, not our FLOPs.
+PUBLISHED_GMACS = 42.0
+
+
+def synthetic_image(height=960, width=1280, seed=0):
+    """A deterministic test scene: smooth background, a few filled shapes, mild noise.
+
+    Returns:
+        (height, width, 3) uint8 RGB.
+    """
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    base = np.stack([x / width, y / height, 1 - x / width], axis=2) * 160 + 40  # (H, W, 3)
+    image = np.ascontiguousarray(base.astype(np.uint8))
+    for _ in range(6):
+        center = (int(rng.integers(0, width)), int(rng.integers(0, height)))
+        axes = (int(rng.integers(width // 20, width // 5)), int(rng.integers(height // 20, height // 5)))
+        color = tuple(int(c) for c in rng.integers(0, 256, 3))
+        cv2.ellipse(image, center, axes, float(rng.uniform(0, 180)), 0, 360, color, -1)
+    noise = rng.normal(0, 4, image.shape)
+    return np.clip(image + noise, 0, 255).astype(np.uint8)
+
+
+def time_call(fn):
+    """Run fn() once. Returns (its result, (wall_s, cpu_s, runqueue_wait_s or None))."""
+    wait0, cpu0, wall0 = sysinfo.runqueue_wait_s(), time.process_time(), time.perf_counter()
+    result = fn()
+    wall, cpu, wait1 = time.perf_counter() - wall0, time.process_time() - cpu0, sysinfo.runqueue_wait_s()
+    return result, (wall, cpu, None if wait0 is None or wait1 is None else wait1 - wait0)
+
+
+def summarize(samples):
+    """Statistics of (wall_s, cpu_s, wait_s) samples: p50/p95 (numpy linear percentiles), min."""
+    wall = np.array([s[0] for s in samples])
+    cpu = np.array([s[1] for s in samples])
+    waits = [s[2] for s in samples if s[2] is not None]
+    return {
+        "runs": len(samples),
+        "p50_s": float(np.percentile(wall, 50)),
+        "p95_s": float(np.percentile(wall, 95)),
+        "min_s": float(wall.min()),
+        "mean_s": float(wall.mean()),
+        "cpu_p50_s": float(np.percentile(cpu, 50)),
+        "cpu_per_wall": float(np.median(cpu / np.maximum(wall, 1e-9))),
+        "runqueue_wait_p50_s": float(np.percentile(waits, 50)) if waits else None,
+        "runqueue_wait_max_s": float(max(waits)) if waits else None,
+    }
+
+
+def time_stage(fn, runs, warmup):
+    """`warmup` untimed calls, then `runs` timed ones -> `summarize` dict."""
+    for _ in range(warmup):
+        fn()
+    return summarize([time_call(fn)[1] for _ in range(runs)])
+
+
+def model_info(model_dir):
+    """Manifest facts and file sizes of a model directory (sha256-verified)."""
+    manifest = load_manifest(model_dir)
+    files = {g.role: {"file": g.path.name, "bytes": g.path.stat().st_size, "precision": g.precision}
+             for g in (manifest.encoder, manifest.decoder)}
+    return manifest, {
+        "model_dir": str(model_dir),
+        "model": manifest.model,
+        "weights_id": manifest.weights_id,
+        "weights_source": manifest.raw.get("weights", {}).get("source"),
+        "quantization": manifest.quantization,
+        "files": files,
+        "total_bytes": sum(f["bytes"] for f in files.values()),
+    }
+
+
+def decoder_feeds(original_size, long_side, batch):
+    """Decoder feeds for `batch` one-point prompts on a grid over the image (SAM padding point).
+
+    Returns:
+        coords (B, 2, 2) float32 1024 frame, labels (B, 2), mask (B, 1, 256, 256), has_mask (B,).
+    """
+    side = math.ceil(math.sqrt(batch))
+    height, width = original_size
+    cells = (np.arange(side) + 0.5) / side
+    grid = np.stack(np.meshgrid(cells * width, cells * height), axis=-1).reshape(-1, 2)[:batch]  # (B, 2) xy
+    if batch == 1:
+        grid = np.array([[width / 2, height / 2]])
+    coords_1024 = preprocess.coords_to_input_frame(grid, original_size, long_side)
+    packed = [prompts.pack_prompt(c[None], np.ones(1, np.float32), None) for c in coords_1024]
+    coords = np.concatenate([p[0] for p in packed])
+    labels = np.concatenate([p[1] for p in packed])
+    return (coords, labels, *prompts.mask_feeds(None, batch))
+
+
+def count_model_flops(manifest, batch):
+    """MACs of the encoder and of the decoder at B=1 and B=batch, from ORT-profiled shapes."""
+    rng = np.random.default_rng(0)
+    image = rng.standard_normal((1, 3, 1024, 1024), dtype=np.float32)
+    result = {"method": "onnxruntime profile (optimisations off)", "counted_ops": list(flops.COUNTED_OPS)}
+    result["encoder"] = flops.count_macs(flops.profile_node_shapes(
+        lambda o: EncoderSession(manifest.encoder, session_options=o), lambda s: s.run(image)))
+    embeddings = rng.standard_normal((1, 256, 64, 64), dtype=np.float32)
+    for key, b in (("decoder_1", 1), ("decoder_batch", batch)):
+        feeds = decoder_feeds((1024, 1024), 1024, b)
+        result[key] = flops.count_macs(flops.profile_node_shapes(
+            lambda o: DecoderSession(manifest.decoder, session_options=o),
+            lambda s, f=feeds: s.run(embeddings, *f)))
+        result[key]["batch"] = b
+    ours = result["encoder"]["macs"] + result["decoder_1"]["macs"]
+    result["published"] = {
+        "tinysam_gmacs": PUBLISHED_GMACS,
+        "ours_encoder_plus_one_prompt_gmacs": ours / 1e9,
+        "ours_over_published": ours / 1e9 / PUBLISHED_GMACS,
+        "note": "TinySAM's '42.0 GFLOPs' counts multiply-accumulates (fvcore), i.e. GMACs",
+    }
+    return result
+
+
+def machine_limits(threads_list, gemm_n):
+    """Measured GEMM peaks: numpy float32 once, ORT float32 and u8s8 per thread count."""
+    return {
+        "numpy_float32": gemm_peak.numpy_sgemm_peak(gemm_n),
+        "ort_float32": {str(t): gemm_peak.ort_matmul_peak(t, "float32", gemm_n) for t in threads_list},
+        "ort_u8s8": {str(t): gemm_peak.ort_matmul_peak(t, "u8s8", gemm_n) for t in threads_list},
+    }
+
+
+def measure_threads(manifest, image, threads, runs, warmup, batch):
+    """Cold and warm timings of every stage at one intra-op thread count."""
+    pre = manifest.preprocess
+
+    def run_preprocess():
+        resized = preprocess.resize_longest_side(image, pre.image_size)  # (h, w, 3)
+        return preprocess.normalize_pad(resized, pre.pixel_mean, pre.pixel_std, pre.image_size, pre.pad_value)
+
+    cold = {}
+    encoder, (cold["encoder_session_s"], _, _) = time_call(lambda: EncoderSession(manifest.encoder, threads))
+    tensor = run_preprocess()  # (1, 3, 1024, 1024)
+    embeddings, (cold["encoder_first_call_s"], _, _) = time_call(lambda: encoder.run(tensor))
+    decoder, (cold["decoder_session_s"], _, _) = time_call(lambda: DecoderSession(manifest.decoder, threads))
+    input_size = preprocess.preprocess_shape(*image.shape[:2], pre.image_size)
+    feeds_1 = decoder_feeds(image.shape[:2], pre.image_size, 1)
+    feeds_b = decoder_feeds(image.shape[:2], pre.image_size, batch)
+    (low_res, _), (cold["decoder_first_call_s"], _, _) = time_call(lambda: decoder.run(embeddings, *feeds_1))
+    stages = {
+        "preprocess": time_stage(run_preprocess, runs, warmup),
+        "encoder": time_stage(lambda: encoder.run(tensor), runs, warmup),
+        "decoder_1": time_stage(lambda: decoder.run(embeddings, *feeds_1), runs, warmup),
+        "decoder_batch": time_stage(lambda: decoder.run(embeddings, *feeds_b), runs, warmup),
+        "postprocess": time_stage(
+            lambda: postprocess.upscale_logits(low_res, input_size, image.shape[:2]) > manifest.mask_threshold,
+            runs, warmup),
+    }
+    stages["decoder_batch"]["batch"] = batch
+    del encoder, decoder  # free them before the predictor makes its own pair
+    predictor = TinySAMPredictor(model_dir=manifest.model_dir, threads=threads, cache_size=0)
+    center = [[image.shape[1] / 2, image.shape[0] / 2]]  # (x, y)
+
+    def end_to_end():
+        predictor.set_image(image)
+        return predictor.predict(point_coords=center, point_labels=[1])
+
+    stages["end_to_end"] = time_stage(end_to_end, runs, warmup)
+    return {"threads": threads, "cold": cold, "stages": stages}
+
+
+def achieved(stages, model_flops, limits, threads):
+    """Achieved GFLOP/s of the graph stages and their share of ORT's float32 GEMM peak."""
+    peak = limits["ort_float32"][str(threads)]["best_gflops"] if limits else None
+    out = {}
+    for stage in ("encoder", "decoder_1", "decoder_batch"):
+        gflop = model_flops[stage]["flops"] / 1e9
+        rate = gflop / stages[stage]["p50_s"]
+        best = gflop / stages[stage]["min_s"]
+        out[stage] = {"gflops_per_s_p50": rate, "gflops_per_s_best": best,
+                      "pct_of_ort_float32_peak_p50": 100 * rate / peak if peak else None,
+                      "pct_of_ort_float32_peak_best": 100 * best / peak if peak else None}
+    return out
+
+
+def cold_start(model_dir, image_path, threads, timeout_s=600):
+    """Time from a fresh process's start to its first mask (see `bench.cold_start_child`)."""
+    request = json.dumps({"model_dir": str(model_dir), "image": str(image_path), "threads": threads})
+    command = [sys.executable, "-c", "from tinysam_rt.bench import cold_start_child; cold_start_child()", request]
+    start = time.monotonic()  # CLOCK_MONOTONIC is system-wide on Linux, so the child can use it
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
+    if proc.returncode != 0:
+        lines = (proc.stderr or proc.stdout or "no output").strip().splitlines()
+        return {"threads": threads, "error": lines[-1] if lines else f"exit {proc.returncode}"}
+    marks = json.loads(proc.stdout.strip().splitlines()[-1])  # monotonic timestamps, see the child
+    return {
+        "threads": threads,
+        "process_start_to_first_mask_s": marks["first_mask"] - start,
+        "interpreter_s": marks["python_started"] - start,
+        "import_s": marks["imported"] - marks["python_started"],
+        "sessions_s": marks["sessions_ready"] - marks["imported"],
+        "image_load_s": marks["image_loaded"] - marks["sessions_ready"],
+        "first_set_image_s": marks["first_embedding"] - marks["image_loaded"],
+        "first_predict_s": marks["first_mask"] - marks["first_embedding"],
+        "cpu_s": marks["cpu_s"],
+        "peak_rss_bytes": marks["peak_rss_bytes"],
+    }
+
+
+def write_image_for_child(image, directory):
+    """Save the benchmark image as PNG so the cold-start child loads a file, as a user would."""
+    path = os.path.join(directory, "bench_image.png")
+    write_png(path, image)
+    return path
+
+
+def temp_dir():
+    return tempfile.TemporaryDirectory(prefix="tinysam-bench-")
