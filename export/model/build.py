@@ -12,7 +12,6 @@ reproducible from its seed alone.
 """
 
 import math
-import pickle
 
 import torch
 from segment_anything.modeling import MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
@@ -154,7 +153,9 @@ def read_checkpoint(path):
     """
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
+    except OSError:
+        raise
+    except Exception as exc:  # torch.load fails with many types (UnpicklingError, IndexError, ...)
         raise ValueError(f"checkpoint {path} cannot be read as a torch state_dict: {exc}") from None
     if isinstance(obj, dict):
         for key in CHECKPOINT_NESTING_KEYS:
