@@ -12,13 +12,12 @@ MACs under the name FLOPs; we report both and name each. MatMuls whose second op
 are `matmul_weight` (linear layers); the rest are `matmul_batched` (activation x activation:
 attention scores and values, the decoder's hypernetwork product).
 
-Shapes come from either
-- `profile_node_shapes`: runs the graph once in ONNX Runtime with profiling on, graph
-  optimisations and weight prepacking off, so every node of the file is executed and reported with
-  its real input/output shapes. Needs only onnxruntime, so it works on a board where the `onnx`
-  package has no wheel (32-bit Raspberry Pi OS); or
-- `onnx_node_shapes`: ONNX shape inference, which needs the optional `onnx` package.
-Both feed the same `count_macs`.
+Shapes come from `profile_node_shapes`: the graph runs once in ONNX Runtime with profiling on and
+graph optimisations and weight prepacking off, so every node of the file executes as written and
+is reported with the concrete shapes it saw. This needs nothing beyond the runtime's own
+onnxruntime (a Pi user need not install `onnx` and its protobuf), and unlike
+`onnx.shape_inference`, even with data propagation, it also resolves the shapes behind TinyViT's
+data-dependent window reshapes (shape inference leaves the encoder's attention MatMuls unknown).
 """
 
 import glob
@@ -28,7 +27,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 
-# op type -> (kind, index of the input whose shape gives the per-output-element work)
+# op type -> index of the input whose shape gives the work per output element
 _CONV_WEIGHT = {"Conv": 1, "ConvInteger": 1, "QLinearConv": 3}
 _MATMUL_A = {"MatMul": 0, "MatMulInteger": 0, "QLinearMatMul": 0, "Gemm": 0}
 _MATMUL_B = {"MatMul": 1, "MatMulInteger": 1, "QLinearMatMul": 3, "Gemm": 1}
@@ -52,7 +51,7 @@ class NodeShapes:
 
 def _shape(shapes, index, node, what):
     if index >= len(shapes) or shapes[index] is None:
-        raise ValueError(f"node {node.name!r} ({node.op_type}): shape of {what} (input {index}) is unknown")
+        raise ValueError(f"node {node.name!r} ({node.op_type}): the shape of its {what} is unknown")
     return shapes[index]
 
 
@@ -168,36 +167,3 @@ def profile_node_shapes(make_session, feeds_run):
         (path,) = glob.glob(os.path.join(tmp, "profile*.json"))
         with open(path, encoding="utf-8") as f:
             return nodes_from_profile(json.load(f))
-
-
-def onnx_node_shapes(model_path, input_shapes):
-    """Shapes of every node from ONNX shape inference (needs the optional `onnx` package).
-
-    Args:
-        model_path: path of an .onnx file.
-        input_shapes: {input name: tuple of ints} fixing every dynamic input axis.
-
-    Returns:
-        list of NodeShapes in graph order (the main graph only; subgraphs are not visited).
-
-    Raises:
-        ImportError: `onnx` is not installed.
-    """
-    import onnx  # optional dependency, only for this path
-
-    model = onnx.load(str(model_path))
-    for value in model.graph.input:
-        if value.name in input_shapes:
-            dims = value.type.tensor_type.shape.dim
-            for dim, size in zip(dims, input_shapes[value.name]):
-                dim.Clear()
-                dim.dim_value = int(size)
-    inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
-    graph = inferred.graph
-    known = {init.name: tuple(init.dims) for init in graph.initializer}
-    for value in [*graph.input, *graph.value_info, *graph.output]:
-        dims = value.type.tensor_type.shape.dim
-        if value.type.tensor_type.HasField("shape") and all(d.HasField("dim_value") for d in dims):
-            known[value.name] = tuple(d.dim_value for d in dims)
-    return [NodeShapes(node.name, node.op_type, tuple(known.get(n) for n in node.input),
-                       tuple(known.get(n) for n in node.output)) for node in graph.node]

@@ -53,7 +53,7 @@ def parse_cpuinfo(text):
     """CPU facts from the text of /proc/cpuinfo.
 
     Returns:
-        dict: "model" str or None, "isa" sorted list of our ISA names (see `_ISA_FLAGS`),
+        dict: "model" str or None (x86: the CPU name; ARM boards: "board (core)"), "isa" sorted list of our ISA names (see `_ISA_FLAGS`),
         "physical_cores" int or None (distinct (physical id, core id) pairs; None when the
         kernel does not list them, as on ARM), "processors" int (processor entries).
     """
@@ -74,10 +74,10 @@ def parse_cpuinfo(text):
             physical = value
         elif key == "core id":
             cores.add((physical, value))
-    model = fields.get("model name") or fields.get("Model") or fields.get("Hardware")
-    part = _ARM_PARTS.get(fields.get("CPU part", "").lower())
-    if part and part not in (model or ""):
-        model = f"{model} ({part})" if model else part
+    # x86 names the CPU in "model name"; a Pi names the board in "Model" and the core by part id.
+    core = _ARM_PARTS.get(fields.get("CPU part", "").lower()) or fields.get("model name") or fields.get("Hardware")
+    board = fields.get("Model")
+    model = f"{board} ({core})" if board and core else board or core
     return {
         "model": model,
         "isa": sorted({name for flag, name in _ISA_FLAGS.items() if flag in flags}),

@@ -1,0 +1,192 @@
+"""tinysam-bench: flag errors, light --help/--version, and every JSON field of a real (tiny) run.
+
+Speed is never asserted; the run uses --runs 1 only to check the report's structure and the
+relations between its numbers.
+"""
+
+import copy
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tinysam_rt import bench, bench_report
+
+STAGE_FIELDS = {"runs", "p50_s", "p95_s", "min_s", "mean_s", "cpu_p50_s", "cpu_per_wall",
+                "runqueue_wait_p50_s", "runqueue_wait_max_s"}
+
+
+def _main(argv, capsys):
+    """Run bench.main in-process; return (exit code, stdout, stderr)."""
+    try:
+        code = bench.main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--threads", "0"], "argument --threads: each thread count must be an integer >= 1, got '0'"),
+    (["--threads", "1,,4"], "argument --threads: expected a comma-separated list like 1,2,4, got '1,,4'"),
+    (["--threads", "two"], "argument --threads: each thread count must be an integer >= 1, got 'two'"),
+    (["--threads", "2,2"], "argument --threads: a thread count is listed twice in '2,2'"),
+    (["--runs", "0"], "argument --runs: value must be an integer >= 1, got '0'"),
+    (["--warmup", "-1"], "argument --warmup: value must be an integer >= 0, got '-1'"),
+    (["--batch", "x"], "argument --batch: value must be an integer >= 1, got 'x'"),
+])
+def test_bad_flags_give_one_line_and_exit_2(argv, message, capsys):
+    code, out, err = _main(argv, capsys)
+    assert code == 2
+    assert out == ""
+    assert err == f"tinysam-bench: error: {message}\n"
+
+
+def test_unknown_model_dir(tmp_path, capsys):
+    code, _, err = _main(["--model", str(tmp_path / "nope")], capsys)
+    assert code == 2
+    assert err == f"tinysam-bench: error: --model {tmp_path / 'nope'}: does not exist (expected a tinysam-rt model directory)\n"
+    code, _, err = _main(["--model", str(tmp_path)], capsys)
+    assert code == 2
+    assert err == f"tinysam-bench: error: --model {tmp_path}: has no manifest.json (expected a tinysam-rt model directory)\n"
+
+
+def test_no_model_anywhere(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TINYSAM_MODEL_DIR", str(tmp_path / "missing"))
+    code, _, err = _main([], capsys)
+    assert code == 2
+    assert err.startswith("tinysam-bench: error: no --model given and no tinysam-rt model at ")
+    assert err.count("\n") == 1
+
+
+@pytest.mark.torch  # the test model is exported with torch
+def test_missing_image_and_json_directory(fp32_model_dir, tmp_path, capsys):
+    code, _, err = _main(["--model", str(fp32_model_dir), "--image", str(tmp_path / "x.jpg")], capsys)
+    assert (code, err) == (2, f"tinysam-bench: error: --image {tmp_path / 'x.jpg'}: no such file\n")
+    code, _, err = _main(["--model", str(fp32_model_dir), "--json", str(tmp_path)], capsys)
+    assert (code, err) == (2, f"tinysam-bench: error: --json {tmp_path} is a directory; give a file path\n")
+    code, _, err = _main(["--model", str(fp32_model_dir), "--model", str(fp32_model_dir)], capsys)
+    assert (code, err) == (2, f"tinysam-bench: error: --model {fp32_model_dir} is given twice\n")
+
+
+@pytest.mark.parametrize("flag", ["--help", "--version"])
+def test_help_and_version_do_not_import_onnxruntime(flag):
+    code = (f"import sys\nfrom tinysam_rt.bench import main\ntry:\n    main([{flag!r}])\nexcept SystemExit as e:\n"
+            f"    assert e.code == 0, e.code\nassert 'onnxruntime' not in sys.modules\nassert 'numpy' not in sys.modules\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert ("usage: tinysam-bench" in result.stdout) if flag == "--help" else result.stdout.startswith("tinysam-bench 0.")
+
+
+def test_default_threads_sweep_powers_of_two_up_to_the_cores():
+    threads = bench.default_threads()
+    assert threads[0] == 1 and threads == sorted(set(threads))
+
+
+@pytest.fixture(scope="module")
+def bench_report_json(fp32_model_dir, tmp_path_factory):
+    """One real tinysam-bench run on the test model, as small as the flags allow."""
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "tinysam_rt.bench", "--model", str(fp32_model_dir), "--threads", "1", "--runs", "2",
+         "--warmup", "0", "--batch", "2", "--gemm-n", "64", "--json", str(out), "--quiet"],
+        capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""  # --quiet
+    return json.loads(out.read_text()), result.stdout
+
+
+@pytest.mark.torch  # the test model is exported with torch
+def test_json_has_every_field(bench_report_json, fp32_model_dir):
+    report, _ = bench_report_json
+    assert report["schema"] == bench.SCHEMA
+    assert report["settings"] == {"runs": 2, "warmup": 0, "threads": [1], "batch": 2, "gemm_n": 64}
+    system = report["system"]
+    for key in ("cpu_model", "logical_cores", "usable_cores", "isa", "isa_summary", "onnxruntime", "numpy", "load_average"):
+        assert key in system
+    assert report["image"] == {"source": "generated", "height": 960, "width": 1280}
+    limits = report["machine_limits"]
+    assert limits["numpy_float32"]["best_gflops"] > 0
+    assert limits["ort_float32"]["1"]["best_gflops"] > 0 and limits["ort_u8s8"]["1"]["best_gflops"] > 0
+    assert report["main_process_peak_rss_bytes"] > 0
+    (model,) = report["models"]
+    assert model["label"] == "vit_t (fp32)" and model["model_dir"] == str(fp32_model_dir)
+    for role in ("encoder", "decoder"):
+        assert model["files"][role]["bytes"] == (fp32_model_dir / f"{role}.onnx").stat().st_size
+    assert model["total_bytes"] == sum(f["bytes"] for f in model["files"].values())
+    (entry,) = model["threads"]
+    assert entry["threads"] == 1
+    assert set(entry["cold"]) == {"encoder_session_s", "encoder_first_call_s", "decoder_session_s", "decoder_first_call_s"}
+    assert set(entry["stages"]) == set(bench_report._COMPARED_STAGES)
+    for stage in entry["stages"].values():
+        assert STAGE_FIELDS <= set(stage)
+        assert stage["runs"] == 2
+        assert stage["min_s"] <= stage["p50_s"] <= stage["p95_s"]
+    assert entry["stages"]["decoder_batch"]["batch"] == 2
+    assert set(entry["achieved"]) == {"encoder", "decoder_1", "decoder_batch"}
+    cold = model["cold_start"]
+    assert "error" not in cold, cold
+    steps = ("interpreter_s", "import_s", "sessions_s", "image_load_s", "first_set_image_s", "first_predict_s")
+    assert cold["process_start_to_first_mask_s"] == pytest.approx(sum(cold[k] for k in steps))
+    assert cold["peak_rss_bytes"] > model["files"]["encoder"]["bytes"]
+
+
+@pytest.mark.torch  # the test model is exported with torch
+def test_flops_are_consistent_and_near_the_published_figure(bench_report_json):
+    report, _ = bench_report_json
+    flops = report["models"][0]["flops"]
+    for key in ("encoder", "decoder_1", "decoder_batch"):
+        assert flops[key]["flops"] == 2 * flops[key]["macs"] > 0
+        assert sum(flops[key]["by_kind"].values()) == flops[key]["macs"]
+        assert flops[key]["uncountable_heavy_ops"] == {}
+    assert flops["decoder_batch"]["batch"] == 2
+    # every decoder MAC is per prompt (embeddings are repeated per prompt), up to tiny shared parts
+    assert flops["decoder_batch"]["macs"] == pytest.approx(2 * flops["decoder_1"]["macs"], rel=0.01)
+    assert flops["encoder"]["by_kind"]["matmul_batched"] > 0  # window attention is counted
+    # TinySAM reports 42.0 G "FLOPs" = multiply-accumulates; our count of the same graph is close.
+    assert 0.9 < flops["published"]["ours_over_published"] < 1.1
+
+
+@pytest.mark.torch  # the test model is exported with torch
+def test_terminal_and_markdown_tables_show_the_json_numbers(bench_report_json):
+    report, stdout = bench_report_json
+    assert stdout == bench_report.format_report(report)
+    stage = report["models"][0]["threads"][0]["stages"]["encoder"]
+    assert f"{stage['p50_s'] * 1e3:.1f}" in stdout
+    markdown = bench_report.format_report(report, markdown=True)
+    assert "| model | threads | stage | p50 ms |" in markdown
+    for name in ("preprocess", "encoder", "decoder_1", "decoder B=2", "postprocess", "end_to_end"):
+        assert f"| {name} |" in markdown
+
+
+@pytest.mark.torch  # the test model is exported with torch
+def test_side_by_side_ratios(bench_report_json):
+    report, _ = bench_report_json
+    base = report["models"][0]
+    other = copy.deepcopy(base)
+    other["label"] = "half"
+    other["total_bytes"] = base["total_bytes"] // 2
+    for stage in other["threads"][0]["stages"].values():
+        stage["p50_s"] /= 4
+        stage["min_s"] /= 2
+    rows = bench_report.comparisons([base, other])
+    timed = [r for r in rows if "threads" in r]
+    assert {r["stage"] for r in timed} == set(bench_report._COMPARED_STAGES)
+    assert all(r["p50_ratio"] == pytest.approx(0.25) and r["min_ratio"] == pytest.approx(0.5) for r in timed)
+    size = next(r for r in rows if r["stage"] == "size")
+    assert size["ratio"] == pytest.approx(0.5, rel=1e-6)
+    assert "Side by side" in bench_report.format_report({**report, "models": [base, other], "comparisons": rows})
+
+
+@pytest.mark.torch  # the test model is exported with torch
+def test_report_without_optional_parts_still_renders(bench_report_json):
+    report, _ = bench_report_json
+    bare = copy.deepcopy(report)
+    bare["machine_limits"] = None
+    for model in bare["models"]:
+        model["flops"] = model["cold_start"] = None
+        for entry in model["threads"]:
+            entry["achieved"] = None
+    text = bench_report.format_report(bare)
+    assert "encoder" in text and "machine limit" not in text
