@@ -30,6 +30,7 @@ Shapes use ints for fixed axes and strings ("B", "N") for dynamic ones.
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,6 +159,13 @@ def _field(doc, key, kind, where):
     return value
 
 
+def _finite(value, key, where):
+    """A JSON number as float; bools, strings and NaN/inf are a ModelFileError naming `key`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ModelFileError(f"{where}: field {key!r} must be a finite number, got {value!r}")
+    return float(value)
+
+
 def _tensor_specs(items, where):
     specs = []
     for item in items:
@@ -198,10 +206,17 @@ def parse_manifest(doc, model_dir, where="manifest.json"):
         )
     model_dir = Path(model_dir)
     pre = _field(doc, "preprocess", dict, where)
-    mean = tuple(float(v) for v in _field(pre, "pixel_mean", list, where))
-    std = tuple(float(v) for v in _field(pre, "pixel_std", list, where))
+    mean = tuple(_finite(v, "pixel_mean", where) for v in _field(pre, "pixel_mean", list, where))
+    std = tuple(_finite(v, "pixel_std", where) for v in _field(pre, "pixel_std", list, where))
     if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
         raise ModelFileError(f"{where}: pixel_mean/pixel_std must be 3 values (std > 0)")
+    image_size = _field(pre, "image_size", int, where)
+    # The encoder's input is fixed by the contract; another size would only fail at set_image.
+    if isinstance(image_size, bool) or image_size != ENCODER_INPUTS[0][1][-1]:
+        raise ModelFileError(
+            f"{where}: preprocess.image_size must be {ENCODER_INPUTS[0][1][-1]} (the encoder's "
+            f"input side), got {image_size!r}"
+        )
     graphs = _field(doc, "graphs", dict, where)
     encoder, decoder = (
         _graph_spec(model_dir, role, _field(graphs, role, dict, f"{where} graphs"), where)
@@ -217,18 +232,23 @@ def parse_manifest(doc, model_dir, where="manifest.json"):
                 f"come from the same weights"
             )
     post = doc.get("postprocess", {})
+    if not isinstance(post, dict):
+        raise ModelFileError(f"{where}: field 'postprocess' must be dict, got {post!r}")
+    opset = doc.get("opset", 0)
+    if isinstance(opset, bool) or not isinstance(opset, int):
+        raise ModelFileError(f"{where}: field 'opset' must be int, got {opset!r}")
     return Manifest(
         model_dir=model_dir,
         model=_field(doc, "model", str, where),
         weights_id=weights_id,
-        opset=int(doc.get("opset", 0)),
+        opset=opset,
         preprocess=Preprocess(
-            image_size=int(_field(pre, "image_size", int, where)),
+            image_size=image_size,
             pixel_mean=mean,
             pixel_std=std,
-            pad_value=float(pre.get("pad_value", 0.0)),
+            pad_value=_finite(pre.get("pad_value", 0.0), "pad_value", where),
         ),
-        mask_threshold=float(post.get("mask_threshold", 0.0)),
+        mask_threshold=_finite(post.get("mask_threshold", 0.0), "mask_threshold", where),
         encoder=encoder,
         decoder=decoder,
         quantization=doc.get("quantization"),
