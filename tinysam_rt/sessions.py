@@ -66,9 +66,13 @@ def _check_io(kind, path, declared, expected, actual):
             f"{path}: graph {kind} are {sorted(got)}, expected {sorted(want_names)} "
             f"(wrong graph for this role, e.g. encoder and decoder swapped?)"
         )
+    types = {arg.name: arg.type for arg in actual}
     for name, shape in expected:
         if not _dims_match(shape, got[name]):
             raise ModelFileError(f"{path}: graph {kind[:-1]} {name!r} has shape {got[name]}, expected {shape}")
+        # Every contract tensor is float32; another type would load but fail at the first run.
+        if types[name] != "tensor(float)":
+            raise ModelFileError(f"{path}: graph {kind[:-1]} {name!r} has type {types[name]}, expected tensor(float)")
 
 
 class _GraphSession:
