@@ -87,6 +87,7 @@ def _torch_export(module, args, path, inputs, outputs, dynamic_axes, opset):
         # docstring), B and N are declared dynamic, and unfoldable slices are left to ORT.
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx\.")
         warnings.filterwarnings("ignore", message="Constant folding - Only steps=1", category=UserWarning)
         torch.onnx.export(
             module, args, str(path), dynamo=False, opset_version=opset, do_constant_folding=True,

@@ -1,0 +1,173 @@
+"""The exported ONNX graphs compute what the PyTorch model computes, and export publishes atomically.
+
+The graphs are the session's seed-0 export (`fp32_model_dir`, conftest.py), run through the
+runtime's own sessions; the reference is `torch_model` (same seed) called the SamPredictor way:
+`prompt_encoder(points, boxes, masks)` then `mask_decoder(...)`.
+"""
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="needs the dev extra (torch)")
+pytest.importorskip("segment_anything", reason="needs the dev extra (segment_anything)")
+
+from tinysam_export import export_onnx  # noqa: E402
+from tinysam_export.model.build import PIXEL_MEAN, PIXEL_STD, save_random_checkpoint  # noqa: E402
+from tinysam_rt.manifest import load_manifest, sha256_file  # noqa: E402
+from tinysam_rt.sessions import DecoderSession, EncoderSession  # noqa: E402
+
+pytestmark = pytest.mark.torch
+TOLERANCE = 1e-4  # max abs difference, fp32 ORT vs fp32 PyTorch on CPU
+
+
+@pytest.fixture(scope="module")
+def manifest(fp32_model_dir):
+    return load_manifest(fp32_model_dir)
+
+
+@pytest.fixture(scope="module")
+def image():
+    """A normalised, padded image: (1, 3, 1024, 1024) float32."""
+    return torch.randn(1, 3, 1024, 1024, generator=torch.Generator().manual_seed(11))
+
+
+@pytest.fixture(scope="module")
+def torch_embeddings(torch_model, image):
+    torch.set_num_threads(2)
+    with torch.no_grad():
+        return torch_model.image_encoder(image)  # (1, 256, 64, 64)
+
+
+@pytest.fixture(scope="module")
+def decoder(manifest):
+    return DecoderSession(manifest.decoder, threads=2)
+
+
+def test_manifest_describes_the_export(fp32_model_dir, manifest):
+    doc = manifest.raw
+    assert sorted(p.name for p in fp32_model_dir.iterdir()) == ["decoder.onnx", "encoder.onnx", "manifest.json"]
+    assert doc["weights"] == {"source": "random", "checkpoint_sha256": None, "seed": 0, "weights_id": "random-seed-0"}
+    assert manifest.weights_id == manifest.encoder.weights_id == manifest.decoder.weights_id == "random-seed-0"
+    assert doc["opset"] == 17 and doc["export"]["opset"] == 17
+    assert doc["export"]["torch"] == torch.__version__ and "dynamo=False" in doc["export"]["exporter"]
+    assert doc["preprocess"]["resize_filter"] == "bilinear_antialias"
+    assert doc["preprocess"]["normalize"] == "runtime"
+    assert manifest.preprocess.pixel_mean == PIXEL_MEAN and manifest.preprocess.pixel_std == PIXEL_STD
+    assert doc["postprocess"]["mask_tokens"] == [1, 2, 3]
+    # ~6.0M encoder parameters (without the unused classifier head) in fp32, ~4.0M decoder ones.
+    assert 20e6 < doc["graphs"]["encoder"]["bytes"] < 32e6
+    assert 12e6 < doc["graphs"]["decoder"]["bytes"] < 22e6
+
+
+def test_encoder_matches_torch(manifest, image, torch_embeddings):
+    embeddings = EncoderSession(manifest.encoder, threads=2).run(image.numpy())
+    assert embeddings.shape == (1, 256, 64, 64)
+    diff = np.abs(embeddings - torch_embeddings.numpy()).max()
+    assert diff <= TOLERANCE, f"encoder max abs diff {diff:.2e}"
+
+
+def _prompts(batch, num_points, with_box, with_mask, seed):
+    """Random SAM prompts in the 1024 frame: coords (B, N, 2), labels (B, N), boxes (B, 4) | None,
+    masks (B, 1, 256, 256) | None."""
+    gen = torch.Generator().manual_seed(seed)
+    coords = torch.rand(batch, num_points, 2, generator=gen) * 1024
+    labels = (torch.rand(batch, num_points, generator=gen) > 0.3).float()  # fg and bg
+    boxes = None
+    if with_box:
+        corners = torch.sort(torch.rand(batch, 2, 2, generator=gen) * 1024, dim=1).values  # (B, 2, 2)
+        boxes = corners.reshape(batch, 4)  # x0, y0, x1, y1
+    masks = torch.randn(batch, 1, 256, 256, generator=gen) * 4 if with_mask else None
+    return coords, labels, boxes, masks
+
+
+def _decoder_feeds(coords, labels, boxes, masks):
+    """The runtime's packing: box corners labelled 2/3, else one (0, 0) padding point labelled -1."""
+    batch = coords.shape[0]
+    if boxes is not None:
+        extra_coords = boxes.reshape(batch, 2, 2)
+        extra_labels = torch.tensor([[2.0, 3.0]]).expand(batch, 2)
+    else:
+        extra_coords = torch.zeros(batch, 1, 2)
+        extra_labels = -torch.ones(batch, 1)
+    return {
+        "point_coords": torch.cat([coords, extra_coords], dim=1).numpy(),
+        "point_labels": torch.cat([labels, extra_labels], dim=1).numpy(),
+        "mask_input": (masks if masks is not None else torch.zeros(batch, 1, 256, 256)).numpy(),
+        "has_mask_input": np.full(batch, float(masks is not None), dtype=np.float32),
+    }
+
+
+@pytest.mark.parametrize("with_mask", [False, True], ids=["no_mask", "mask"])
+@pytest.mark.parametrize("with_box", [False, True], ids=["no_box", "box"])
+@pytest.mark.parametrize("num_points", [1, 3])
+@pytest.mark.parametrize("batch", [1, 5])
+def test_decoder_matches_sam_predictor_path(torch_model, torch_embeddings, decoder, batch, num_points,
+                                            with_box, with_mask):
+    coords, labels, boxes, masks = _prompts(batch, num_points, with_box, with_mask, seed=batch * 10 + num_points)
+    with torch.no_grad():
+        sparse, dense = torch_model.prompt_encoder(points=(coords, labels), boxes=boxes, masks=masks)
+        expected_masks, expected_iou = torch_model.mask_decoder(
+            image_embeddings=torch_embeddings,
+            image_pe=torch_model.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=True,
+        )
+    low_res, iou = decoder.run(torch_embeddings.numpy(), **_decoder_feeds(coords, labels, boxes, masks))
+    assert low_res.shape == (batch, 3, 256, 256) and iou.shape == (batch, 3)
+    assert np.abs(low_res - expected_masks.numpy()).max() <= TOLERANCE
+    assert np.abs(iou - expected_iou.numpy()).max() <= TOLERANCE
+    assert 0.0 < (low_res > 0).mean() < 1.0  # random weights still give masks, not all-one-sign logits
+
+
+def test_checkpoint_export_records_its_sha256_and_equals_the_seed_export(tmp_path, manifest):
+    checkpoint = save_random_checkpoint(tmp_path / "seed0.pth", seed=0)
+    path = export_onnx.export_model(tmp_path / "from_ckpt", checkpoint=checkpoint, seed=None)
+    from_ckpt = load_manifest(path.parent)
+    digest = sha256_file(checkpoint)
+    assert from_ckpt.raw["weights"] == {"source": "checkpoint", "checkpoint_sha256": digest, "seed": None,
+                                        "weights_id": f"sha256:{digest}"}
+    assert from_ckpt.encoder.weights_id == from_ckpt.decoder.weights_id == f"sha256:{digest}"
+    # Same weights, deterministic exporter: byte-identical graphs.
+    assert from_ckpt.encoder.sha256 == manifest.encoder.sha256
+    assert from_ckpt.decoder.sha256 == manifest.decoder.sha256
+
+
+def _fail(model_dir):
+    raise RuntimeError("smoke run failed (injected)")
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["new_dir", "existing_dir"])
+def test_failed_export_leaves_nothing_and_keeps_previous_output(tmp_path, monkeypatch, existing):
+    target = tmp_path / "vit_t"
+    if existing:
+        target.mkdir()
+        (target / "manifest.json").write_text(json.dumps({"previous": True}))
+    monkeypatch.setattr(export_onnx, "smoke_run", _fail)
+    with pytest.raises(RuntimeError, match="smoke run failed"):
+        export_onnx.export_model(target, seed=0)
+    assert [p.name for p in tmp_path.iterdir()] == (["vit_t"] if existing else [])  # no temp leftovers
+    if existing:
+        assert [p.name for p in target.iterdir()] == ["manifest.json"]
+        assert json.loads((target / "manifest.json").read_text()) == {"previous": True}
+
+
+def test_export_without_checkpoint_needs_an_int_seed(tmp_path):
+    with pytest.raises(ValueError, match="seed must be an int when no checkpoint is given, got None"):
+        export_onnx.export_model(tmp_path / "out", checkpoint=None, seed=None)
+    assert not (tmp_path / "out").exists()
+
+
+def test_main_reports_a_missing_checkpoint(tmp_path, capsys):
+    missing = tmp_path / "nope.pth"
+    assert export_onnx.main(["--checkpoint", str(missing), "--out", str(tmp_path / "out")]) == 1
+    assert f"error: checkpoint must be an existing file, got {missing}" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_main_needs_a_weights_source(tmp_path):
+    with pytest.raises(SystemExit) as info:
+        export_onnx.main(["--out", str(tmp_path / "out")])
+    assert info.value.code == 2
