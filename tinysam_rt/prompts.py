@@ -15,9 +15,13 @@ BOX_LABELS = (2.0, 3.0)
 
 def _as_float_array(value, name):
     try:
-        array = np.asarray(value, dtype=np.float64)
+        array = np.asarray(value)
+        complex_values = np.iscomplexobj(array)  # float64 would silently drop the imaginary part
+        array = array.astype(np.float64, copy=False) if not complex_values else array
     except (TypeError, ValueError):
         raise TypeError(f"{name} must be numeric array-like, got {type(value).__name__}") from None
+    if complex_values:
+        raise TypeError(f"{name} must be real numbers, got complex values")
     if not np.all(np.isfinite(array)):
         raise ValueError(f"{name} contains NaN or inf")
     return array
