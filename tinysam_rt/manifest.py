@@ -73,6 +73,8 @@ def resolve_model_dir(model_dir=None):
             make one.
     """
     if model_dir is not None:
+        if not isinstance(model_dir, (str, os.PathLike)):
+            raise TypeError(f"model_dir must be a str or os.PathLike path, got {type(model_dir).__name__}")
         chosen, why = Path(model_dir), "model_dir argument"
     elif os.environ.get(MODEL_DIR_ENV):
         chosen, why = Path(os.environ[MODEL_DIR_ENV]), f"${MODEL_DIR_ENV}"
