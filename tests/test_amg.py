@@ -148,6 +148,7 @@ def test_rle_is_column_major_and_starts_with_a_zero_run():
     assert amg.mask_to_rle(mask[None])[0] == {"size": [2, 3], "counts": [2, 1, 3]}
     mask[0, 0] = True  # first pixel set -> leading empty run
     assert amg.mask_to_rle(mask[None])[0]["counts"] == [0, 1, 1, 1, 3]
+    assert amg.mask_to_rle(np.zeros((0, 2, 3), dtype=bool)) == []
 
 
 @settings(max_examples=80, deadline=None)

@@ -277,6 +277,8 @@ def mask_to_rle(masks):
         list of B dicts {"size": [H, W], "counts": list of int}.
     """
     b, h, w = masks.shape
+    if b == 0:
+        return []
     flat = np.ascontiguousarray(masks.transpose(0, 2, 1)).reshape(b, h * w)  # column-major per mask
     mask_idx, pixel_idx = np.nonzero(flat[:, 1:] != flat[:, :-1])  # sorted by mask, then pixel
     bounds = np.searchsorted(mask_idx, np.arange(1, b))
