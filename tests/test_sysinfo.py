@@ -1,7 +1,9 @@
 """Machine description: /proc/cpuinfo parsing for x86 servers and Raspberry Pi boards."""
 
+import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from tinysam_rt import sysinfo
@@ -96,3 +98,13 @@ def test_this_process_memory_and_scheduling():
     assert info["usable_cores"] >= 1
     assert set(info["isa_summary"]) == set(sysinfo.HEADLINE_ISA)
     assert info["onnxruntime"] and info["numpy"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_fresh_child_does_not_inherit_the_parents_peak():
+    ballast = np.ones(300 * 2**20, np.uint8)  # 300 MiB resident in this process
+    code = "from tinysam_rt.sysinfo import peak_rss_bytes; print(peak_rss_bytes())"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert int(result.stdout) < 200 * 2**20  # the interpreter alone, not parent + child
+    assert sysinfo.peak_rss_bytes() >= ballast.nbytes
