@@ -88,11 +88,14 @@ class TinySAMPredictor:
 
     def set_embedding(self, embedding):
         """Make a previously computed ImageEmbedding current (must come from this model)."""
+        self._embedding = self._check_embedding(embedding)
+
+    def _check_embedding(self, embedding):
         if not isinstance(embedding, ImageEmbedding):
             raise TypeError(f"embedding must be an ImageEmbedding, got {type(embedding).__name__}")
         if embedding.model_id != self.manifest.model_id:
             raise ValueError("embedding was made by a different encoder than this predictor's")
-        self._embedding = embedding
+        return embedding
 
     def reset_image(self):
         """Forget the current image (cached embeddings stay in the cache)."""
@@ -176,6 +179,6 @@ class TinySAMPredictor:
         Returns:
             low_res_logits (B, 3, 256, 256) float32, iou_predictions (B, 3) float32.
         """
-        embedding = embedding or self._require_embedding()
+        embedding = self._require_embedding() if embedding is None else self._check_embedding(embedding)
         coords, labels, mask, has_mask = prompts.validate_batch(point_coords, point_labels, mask_input)
         return self._decoder.run(embedding.features, coords, labels, mask, has_mask)
