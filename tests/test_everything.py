@@ -13,6 +13,7 @@ survive, which makes the covered region — and so the set of skipped dense poin
 """
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -409,3 +410,51 @@ def test_standard_mode_matches_segment_anything(fp32_model_dir, torch_model):
     our_scores = sorted(r["stability_score"] for r in ours)
     if len(ref_scores) == len(our_scores):
         np.testing.assert_allclose(our_scores, ref_scores, atol=2e-3)
+
+
+# --- `tinysam everything` (the subcommand lives in cli.py; its tests live with the feature) ------
+
+
+def _run_cli(*args):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "tinysam_rt.cli", "everything", *map(str, args)],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_cli_everything_writes_overlay_and_coco_rle_json(region_predictor, tmp_path):
+    from tinysam_rt.io import load_image, write_png
+
+    image = synthetic_image(120, 160)
+    write_png(tmp_path / "scene.png", image)
+    out = tmp_path / "out"
+    model_dir = region_predictor.manifest.model_dir
+    result = _run_cli(tmp_path / "scene.png", "--hierarchical", "--points-per-side", "8", "--model", model_dir, "--out", out)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""  # no progress bar when stderr is not a terminal
+    report = json.loads((out / "masks.json").read_text())
+    assert report["stats"]["mode"] == "hierarchical-tinysam" and report["image_size"] == [120, 160]
+    annotations = report["annotations"]
+    assert len(annotations) == report["stats"]["masks"] > 0
+    direct = TinySAMAutomaticMaskGenerator(region_predictor, AmgConfig(points_per_side=8), HierarchicalConfig()).generate(image)
+    assert len(direct) == len(annotations)
+    for ours, record in zip(direct, annotations):
+        np.testing.assert_array_equal(amg.rle_to_mask(amg.coco_string_to_rle(record["segmentation"])), ours["segmentation"])
+    overlay = load_image(out / "overlay.png")
+    assert overlay.shape == image.shape and not np.array_equal(overlay, image)
+    assert sorted(p.name for p in out.iterdir()) == ["masks.json", "overlay.png"]  # no temp files left
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--points-per-side", "0"], "positive integer"),
+    (["--pred-iou-thresh", "1.5"], r"pred-iou-thresh must be a number in \[0, 1\], got 1.5"),
+    (["--hierarchical", "--points-per-side", "3"], "hierarchical mode needs points-per-side >= 4"),
+    (["--dense-points", "grid"], "--dense-points only applies with --hierarchical"),
+])
+def test_cli_everything_usage_errors_are_one_line(args, message, tmp_path):
+    result = _run_cli("missing.jpg", *args, "--out", tmp_path / "out")
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert re.search(message, result.stderr), result.stderr
+    assert not (tmp_path / "out").exists()

@@ -120,6 +120,115 @@ def _add_segment(subparsers):
     parser.set_defaults(func=_cmd_segment)
 
 
+def _float(text):
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def _tty_progress(stream):
+    """A progress callback drawing `done/total prompts` on a terminal; None when not a TTY."""
+    if not stream.isatty():
+        return None
+
+    def report(done, total):
+        width = 30
+        filled = width * done // max(total, 1)
+        stream.write(f"\rdecoder [{'#' * filled}{'.' * (width - filled)}] {done}/{total} prompts")
+        stream.flush()
+
+    return report
+
+
+def _overlay_records(image, records):
+    """Colour-coded overlay of all records (largest drawn first), decoding a few masks at a time."""
+    import numpy as np
+
+    from tinysam_rt import amg, io
+
+    order = sorted(range(len(records)), key=lambda i: -records[i]["area"])
+    colors = io.palette(len(records))
+    chunk = max(1, (256 << 20) // max(image.shape[0] * image.shape[1], 1))  # bounded bool masks
+    overlay = image
+    for start in range(0, len(order), chunk):
+        part = order[start:start + chunk]
+        masks = np.stack([amg.rle_to_mask(amg.coco_string_to_rle(records[i]["segmentation"])) for i in part])
+        overlay = io.overlay_masks(overlay, masks, colors[part])
+    return overlay
+
+
+def _cmd_everything(args):
+    import dataclasses
+
+    from tinysam_rt import io
+    from tinysam_rt.everything import AmgConfig, HierarchicalConfig, TinySAMAutomaticMaskGenerator, check_configs
+    from tinysam_rt.predictor import TinySAMPredictor
+
+    if args.dense_points != "tinysam" and not args.hierarchical:
+        raise UsageError("--dense-points only applies with --hierarchical")
+    try:
+        config = AmgConfig(points_per_side=args.points_per_side, points_per_batch=args.points_per_batch,
+                           pred_iou_thresh=args.pred_iou_thresh, stability_score_thresh=args.stability_score_thresh,
+                           box_nms_thresh=args.box_nms_thresh, min_mask_region_area=args.min_mask_region_area,
+                           output_mode="coco_rle")
+        hierarchical = HierarchicalConfig(high_score_thresh=args.high_score_thresh, dense_points=args.dense_points) \
+            if args.hierarchical else None
+        check_configs(config, hierarchical)  # flag combinations, before anything is loaded
+    except ValueError as exc:
+        raise UsageError(str(exc).replace("_", "-")) from None
+    image = io.load_image(args.image)
+    predictor = TinySAMPredictor(model_dir=args.model, threads=args.threads)
+    generator = TinySAMAutomaticMaskGenerator(predictor, config, hierarchical)
+    result = generator.run(image, progress=_tty_progress(sys.stderr))
+    if sys.stderr.isatty():
+        sys.stderr.write("\n")
+    stats = dataclasses.asdict(result.stats)
+    report = {
+        "image": str(args.image),
+        "image_size": list(image.shape[:2]),
+        "config": {k: v for k, v in dataclasses.asdict(config).items() if k != "point_grids"},
+        "hierarchical": None if hierarchical is None else dataclasses.asdict(hierarchical),
+        "stats": stats,
+        "model": {"dir": str(predictor.manifest.model_dir), "weights_id": predictor.manifest.weights_id,
+                  "encoder": predictor.manifest.encoder.precision, "decoder": predictor.manifest.decoder.precision},
+        "annotations": result.records,  # SAM's records; segmentation is COCO RLE (string counts)
+    }
+    overlay = _overlay_records(image, result.records)
+    # Everything is computed before the first write, so a failure writes nothing.
+    io.write_png(args.out / "overlay.png", overlay)
+    io.write_json(args.out / "masks.json", report)
+    print(f"{len(result.records)} masks from {stats['points_run']} prompts ({stats['mode']}) "
+          f"-> {args.out}/overlay.png, masks.json")
+    if predictor.manifest.weights_id.startswith("random"):
+        print("note: this model has RANDOM weights (no checkpoint was exported); masks are not meaningful")
+    return 0
+
+
+def _add_everything(subparsers):
+    from pathlib import Path
+
+    parser = subparsers.add_parser("everything", help="segment everything: masks from a grid of point prompts",
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("image", type=Path, help="image file (JPEG, PNG, ...)")
+    parser.add_argument("--hierarchical", action="store_true",
+                        help="TinySAM's hierarchical strategy: sparse grid first, skip covered dense points")
+    parser.add_argument("--dense-points", choices=("tinysam", "grid"), default="tinysam",
+                        help="hierarchical dense points: TinySAM's published neighbours, or the exact grid")
+    parser.add_argument("--points-per-side", type=positive_int, default=32, help="grid points per image side")
+    parser.add_argument("--points-per-batch", type=positive_int, default=64, help="prompts per decoder run")
+    parser.add_argument("--pred-iou-thresh", type=_float, default=0.88, help="predicted-IoU filter, in [0, 1]")
+    parser.add_argument("--stability-score-thresh", type=_float, default=0.95, help="stability filter, in [0, 1]")
+    parser.add_argument("--box-nms-thresh", type=_float, default=0.7, help="box NMS IoU, in [0, 1]")
+    parser.add_argument("--high-score-thresh", type=_float, default=8.5,
+                        help="hierarchical: logit above which a sparse mask covers a pixel")
+    parser.add_argument("--min-mask-region-area", type=int, default=0,
+                        help="fill holes / drop islands smaller than this many pixels (0: off)")
+    parser.add_argument("--out", type=Path, default=Path("out"), help="output directory")
+    _add_model_flags(parser)
+    parser.set_defaults(func=_cmd_everything)
+
+
 def _cmd_export(args):
     if (args.checkpoint is None) == (args.random_seed is None):
         raise UsageError("export needs exactly one of --checkpoint PATH or --random-seed N")
@@ -149,7 +258,7 @@ def _add_export(subparsers):
 
 
 # Subcommands register here; each adds its parser and sets `func`.
-SUBCOMMANDS = [_add_segment, _add_export]
+SUBCOMMANDS = [_add_segment, _add_everything, _add_export]
 
 
 def build_parser():

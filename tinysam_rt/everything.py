@@ -146,6 +146,28 @@ class EverythingResult:
     stats: EverythingStats
 
 
+def check_configs(config, hierarchical):
+    """Check an AmgConfig / HierarchicalConfig pair (each is valid alone; some pairs are not).
+
+    Raises:
+        TypeError: wrong config types.
+        ValueError: hierarchical mode with points_per_side < 4, point_grids or crop layers.
+    """
+    if not isinstance(config, AmgConfig):
+        raise TypeError(f"config must be an AmgConfig, got {type(config).__name__}")
+    if hierarchical is None:
+        return
+    if not isinstance(hierarchical, HierarchicalConfig):
+        raise TypeError(f"hierarchical must be a HierarchicalConfig or None, got {type(hierarchical).__name__}")
+    if config.points_per_side is None or config.points_per_side < SPARSE_DIVISOR:
+        raise ValueError(
+            f"hierarchical mode needs points_per_side >= {SPARSE_DIVISOR} (the sparse grid has "
+            f"points_per_side // {SPARSE_DIVISOR} per side), got {config.points_per_side!r}"
+        )
+    if config.crop_n_layers != 0:
+        raise ValueError(f"hierarchical mode runs on the whole image only: crop_n_layers must be 0, got {config.crop_n_layers}")
+
+
 def _low_res_valid(input_size, low_res_side, long_side):
     """(rows, cols) of the low-res logits that cover the unpadded image (ceil, so edges count)."""
     scale = low_res_side / long_side
@@ -190,18 +212,7 @@ class TinySAMAutomaticMaskGenerator:
             hierarchical: HierarchicalConfig to use TinySAM's hierarchical strategy, or None.
         """
         config = AmgConfig() if config is None else config
-        if not isinstance(config, AmgConfig):
-            raise TypeError(f"config must be an AmgConfig, got {type(config).__name__}")
-        if hierarchical is not None:
-            if not isinstance(hierarchical, HierarchicalConfig):
-                raise TypeError(f"hierarchical must be a HierarchicalConfig or None, got {type(hierarchical).__name__}")
-            if config.points_per_side is None or config.points_per_side < SPARSE_DIVISOR:
-                raise ValueError(
-                    f"hierarchical mode needs points_per_side >= {SPARSE_DIVISOR} (the sparse grid has "
-                    f"points_per_side // {SPARSE_DIVISOR} per side), got {config.points_per_side!r}"
-                )
-            if config.crop_n_layers != 0:
-                raise ValueError(f"hierarchical mode runs on the whole image only: crop_n_layers must be 0, got {config.crop_n_layers}")
+        check_configs(config, hierarchical)
         self.predictor = predictor
         self.config = config
         self.hierarchical = hierarchical
