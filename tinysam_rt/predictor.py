@@ -11,6 +11,11 @@ from tinysam_rt.sessions import load_sessions
 
 logger = logging.getLogger(__name__)
 
+# Largest decoder run inside `predict_batch`. The decoder's activations take ~37 MB per prompt
+# (measured; benchmarks/RESULTS.md, "Soak") and ORT's memory arena keeps its peak for the life of
+# the session, so one huge batch would pin gigabytes for good. 64 is SAM's points_per_batch.
+MAX_DECODER_BATCH = 64
+
 
 class TinySAMPredictor:
     """SAM's predictor API on ONNX Runtime.
@@ -167,7 +172,11 @@ class TinySAMPredictor:
         return masks, scores, low_res
 
     def predict_batch(self, point_coords, point_labels, mask_input=None, embedding=None):
-        """B prompts in one decoder run, in the 1024 frame, without upsampling.
+        """B prompts, in the 1024 frame, without upsampling.
+
+        Any B works: the decoder runs on at most `MAX_DECODER_BATCH` prompts at a time, so its
+        working memory stays bounded; the outputs themselves take 3 * 256 * 256 * 4 bytes
+        (768 KiB) per prompt, and a B whose outputs cannot be allocated is a MemoryError.
 
         Args:
             point_coords: (B, N, 2) XY in the 1024 frame; include SAM's padding point (0, 0)
@@ -180,5 +189,22 @@ class TinySAMPredictor:
             low_res_logits (B, 3, 256, 256) float32, iou_predictions (B, 3) float32.
         """
         embedding = self._require_embedding() if embedding is None else self._check_embedding(embedding)
-        coords, labels, mask, has_mask = prompts.validate_batch(point_coords, point_labels, mask_input)
-        return self._decoder.run(embedding.features, coords, labels, mask, has_mask)
+        long_side = self.manifest.preprocess.image_size
+        try:
+            coords, labels, mask, has_mask = prompts.validate_batch(point_coords, point_labels, mask_input, long_side)
+            batch = len(coords)
+            if batch <= MAX_DECODER_BATCH:
+                return self._decoder.run(embedding.features, coords, labels, mask, has_mask)
+            low_res = np.empty((batch, 3, prompts.LOW_RES, prompts.LOW_RES), np.float32)  # (B, 3, 256, 256)
+        except MemoryError:
+            batch = np.shape(point_coords)[0]
+            raise MemoryError(
+                f"point_coords has B={batch} prompts; their outputs alone need "
+                f"{batch * 3 * prompts.LOW_RES**2 * 4 / 2**30:.1f} GiB: pass them in smaller batches"
+            ) from None
+        iou = np.empty((batch, 3), np.float32)
+        for start in range(0, batch, MAX_DECODER_BATCH):
+            part = slice(start, start + MAX_DECODER_BATCH)
+            low_res[part], iou[part] = self._decoder.run(embedding.features, coords[part], labels[part],
+                                                         mask[part], has_mask[part])
+        return low_res, iou

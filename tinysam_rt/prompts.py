@@ -155,13 +155,15 @@ def mask_feeds(mask_input, batch):
     return np.ascontiguousarray(mask), np.ones(batch, np.float32)
 
 
-def validate_batch(point_coords, point_labels, mask_input=None):
+def validate_batch(point_coords, point_labels, mask_input=None, long_side=None):
     """Check decoder-ready batched prompts (1024 frame) for `predict_batch`.
 
     Args:
         point_coords: (B, N, 2) XY, 1024 frame, padding points included by the caller.
         point_labels: (B, N) in {-1, 0, 1, 2, 3}.
         mask_input: (B, 1, 256, 256) or None.
+        long_side: side of the frame (1024); when given, every point that is not padding
+            (label -1, whose coordinates the decoder ignores) must lie in [0, long_side].
 
     Returns:
         coords (B, N, 2) float32, labels (B, N) float32, mask (B,1,256,256), has_mask (B,).
@@ -174,6 +176,14 @@ def validate_batch(point_coords, point_labels, mask_input=None):
         raise ValueError(f"point_labels must have shape {coords.shape[:2]} (B, N), got {labels.shape}")
     if not np.isin(labels, (-1.0, 0.0, 1.0, 2.0, 3.0)).all():
         raise ValueError(f"point_labels must be in {{-1, 0, 1, 2, 3}}, got {np.unique(labels).tolist()}")
+    if long_side is not None:
+        used = coords[labels != PAD_LABEL]  # (M, 2)
+        if ((used < 0) | (used > long_side)).any():
+            raise ValueError(
+                f"point_coords must be XY in the {long_side} frame, within [0, {long_side}], got values "
+                f"from {used.min():g} to {used.max():g}; original-image pixels go through "
+                f"preprocess.coords_to_input_frame first"
+            )
     if mask_input is not None:
         mask_input = _as_float_array(mask_input, "mask_input")
         if mask_input.shape != (coords.shape[0], 1, LOW_RES, LOW_RES):
