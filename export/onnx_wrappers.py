@@ -84,7 +84,8 @@ class DecoderOnnx(nn.Module):
         tokens = torch.cat([output_tokens.unsqueeze(0).expand(B, -1, -1), sparse_embeddings], dim=1)
         src = image_embeddings.expand(B, -1, -1, -1) + dense_embeddings  # (B, 256, 64, 64)
         pos_src = self.prompt_encoder.get_dense_pe().expand(B, -1, -1, -1)  # (B, 256, 64, 64)
-        _, C, H, W = src.shape
+        # Static sizes from the config, so the graph does no shape arithmetic for them.
+        C, (H, W) = decoder.transformer_dim, self.prompt_encoder.image_embedding_size
         hs, src = decoder.transformer(src, pos_src, tokens)  # (B, 5+N, 256), (B, 64*64, 256)
         iou_token_out = hs[:, 0, :]  # (B, 256)
         mask_tokens_out = hs[:, 1 : 1 + decoder.num_mask_tokens, :]  # (B, 4, 256)
@@ -92,8 +93,7 @@ class DecoderOnnx(nn.Module):
         hyper_in = torch.stack(
             [decoder.output_hypernetworks_mlps[i](mask_tokens_out[:, i, :]) for i in MASK_TOKENS], dim=1
         )  # (B, 3, 32)
-        _, c, h, w = upscaled.shape
-        masks = (hyper_in @ upscaled.reshape(-1, c, h * w)).reshape(-1, len(MASK_TOKENS), h, w)
+        masks = (hyper_in @ upscaled.flatten(2)).reshape(-1, len(MASK_TOKENS), 4 * H, 4 * W)
         iou_pred = decoder.iou_prediction_head(iou_token_out)[:, MASK_TOKENS[0] :]  # (B, 3)
         return masks, iou_pred
 

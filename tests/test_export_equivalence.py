@@ -61,6 +61,18 @@ def test_manifest_describes_the_export(fp32_model_dir, manifest):
     assert 12e6 < doc["graphs"]["decoder"]["bytes"] < 22e6
 
 
+@pytest.mark.parametrize("role", ["encoder", "decoder"])
+def test_graphs_have_no_merged_initializers(manifest, role):
+    """Every weight is distinct, so the exporter merged none into Identity nodes (quantize needs that)."""
+    onnx = pytest.importorskip("onnx", reason="needs onnx")
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(getattr(manifest, role).path)).graph
+    assert not [node.name for node in graph.node if node.op_type == "Identity"]
+    digests = [numpy_helper.to_array(init).tobytes() for init in graph.initializer if np.prod(init.dims) > 4]
+    assert len(set(digests)) == len(digests)
+
+
 def test_encoder_matches_torch(manifest, image, torch_embeddings):
     embeddings = EncoderSession(manifest.encoder, threads=2).run(image.numpy())
     assert embeddings.shape == (1, 256, 64, 64)
