@@ -7,7 +7,7 @@ import numpy as np
 from tinysam_rt import postprocess, preprocess, prompts
 from tinysam_rt.embedding import EmbeddingCache, ImageEmbedding, image_digest
 from tinysam_rt.manifest import load_manifest, resolve_model_dir
-from tinysam_rt.sessions import load_sessions
+from tinysam_rt.sessions import load_sessions, make_session_options
 
 logger = logging.getLogger(__name__)
 
@@ -39,9 +39,14 @@ class TinySAMPredictor:
             cache_size: how many image embeddings to keep (LRU); 0 disables caching.
         """
         if _shared is None:
+            # Cheap argument checks first: a bad argument should not cost a model load.
+            cache = EmbeddingCache(cache_size)
+            make_session_options(threads)
+            if image is not None:
+                preprocess.check_image(image)
             manifest = load_manifest(resolve_model_dir(model_dir))
             encoder, decoder = load_sessions(manifest, threads)
-            _shared = (manifest, encoder, decoder, EmbeddingCache(cache_size))
+            _shared = (manifest, encoder, decoder, cache)
         self.manifest, self._encoder, self._decoder, self._cache = _shared
         self._embedding = None
         if image is not None:
