@@ -218,9 +218,6 @@ def test_segment_interrupted_mid_write_leaves_complete_files(fp32_model_dir, sce
         assert io.load_image(out / name).shape == (90, 120, 3)
 
 
-@pytest.mark.xfail(strict=True, reason="cli.segment publishes mask.png, overlay.png, result.json one by one; "
-                                        "a failure on the 3rd leaves a set mixing two runs (fix proposed in the "
-                                        "hardening report: stage all three, then rename)")
 def test_segment_interrupted_mid_write_keeps_the_old_set(fp32_model_dir, scene, tmp_path, monkeypatch):
     out = tmp_path / "out"
     assert _segment(scene, fp32_model_dir, out, "30,40") == 0

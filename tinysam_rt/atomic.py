@@ -24,23 +24,51 @@ def atomic_path(target):
     On any exception the temp file is removed and `target` is left untouched.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with _staged_path(target) as tmp:
         yield tmp
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; published files get normal modes
         os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def atomic_write_bytes(target, data):
     """Write `data` (bytes) to `target` atomically."""
     with atomic_path(target) as tmp:
         tmp.write_bytes(data)
+
+
+def atomic_write_files(contents):
+    """Publish several files as one set: write every temp file first, then rename them all.
+
+    Args:
+        contents: {target path: bytes}.
+
+    A failure while writing any of them leaves every target as it was (the renames only start once
+    all temp files are complete).
+    """
+    with contextlib.ExitStack() as stack:
+        staged = []
+        for target, data in contents.items():
+            tmp = stack.enter_context(_staged_path(Path(target)))
+            tmp.write_bytes(data)
+            staged.append((tmp, Path(target)))
+        mode = 0o666 & ~_umask()
+        for tmp, target in staged:
+            os.chmod(tmp, mode)
+            os.replace(tmp, target)
+
+
+@contextlib.contextmanager
+def _staged_path(target):
+    """A temp path beside `target`, removed on exit if it was not renamed."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def atomic_write_text(target, text):

@@ -71,6 +71,7 @@ def _cmd_segment(args):
     import numpy as np
 
     from tinysam_rt import io
+    from tinysam_rt.atomic import atomic_write_files
     from tinysam_rt.predictor import TinySAMPredictor
 
     if not args.point and args.box is None:
@@ -95,11 +96,13 @@ def _cmd_segment(args):
                   "encoder": predictor.manifest.encoder.precision, "decoder": predictor.manifest.decoder.precision},
     }
     overlay = io.overlay_masks(image, masks[best:best + 1])
-    # Everything is computed before the first write, so a failure writes nothing.
     out = args.out
-    io.write_png(out / "mask.png", masks[best])
-    io.write_png(out / "overlay.png", overlay)
-    io.write_json(out / "result.json", result)
+    # One set: all three files are staged before any is renamed, so a failure keeps the old set.
+    atomic_write_files({
+        out / "mask.png": io.encode_png(masks[best]),
+        out / "overlay.png": io.encode_png(overlay),
+        out / "result.json": io.encode_json(result),
+    })
     print(f"best mask score {scores[best]:.3f}, area {result['mask_area']} px -> {out}/mask.png, overlay.png, result.json")
     if predictor.manifest.weights_id.startswith("random"):
         print("note: this model has RANDOM weights (no checkpoint was exported); masks are not meaningful")
@@ -162,6 +165,7 @@ def _cmd_everything(args):
     import dataclasses
 
     from tinysam_rt import io
+    from tinysam_rt.atomic import atomic_write_files
     from tinysam_rt.everything import AmgConfig, HierarchicalConfig, TinySAMAutomaticMaskGenerator, check_configs
     from tinysam_rt.predictor import TinySAMPredictor
 
@@ -195,9 +199,8 @@ def _cmd_everything(args):
         "annotations": result.records,  # SAM's records; segmentation is COCO RLE (string counts)
     }
     overlay = _overlay_records(image, result.records)
-    # Everything is computed before the first write, so a failure writes nothing.
-    io.write_png(args.out / "overlay.png", overlay)
-    io.write_json(args.out / "masks.json", report)
+    # Staged as one set: a failure while writing keeps the previous overlay.png + masks.json pair.
+    atomic_write_files({args.out / "overlay.png": io.encode_png(overlay), args.out / "masks.json": io.encode_json(report)})
     print(f"{len(result.records)} masks from {stats['points_run']} prompts ({stats['mode']}) "
           f"-> {args.out}/overlay.png, masks.json")
     if predictor.manifest.weights_id.startswith("random"):

@@ -6,7 +6,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from tinysam_rt.atomic import atomic_write_bytes, atomic_write_text
+from tinysam_rt.atomic import atomic_write_bytes
 
 
 def load_image(path):
@@ -47,9 +47,14 @@ def write_png(path, image):
     atomic_write_bytes(path, encode_png(image))
 
 
+def encode_json(obj):
+    """UTF-8 bytes of `obj` as indented JSON."""
+    return (json.dumps(obj, indent=2) + "\n").encode("utf-8")
+
+
 def write_json(path, obj):
     """Write `obj` as indented JSON, atomically."""
-    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+    atomic_write_bytes(path, encode_json(obj))
 
 
 def overlay_masks(image, masks, colors=None, alpha=0.5):
