@@ -1,0 +1,416 @@
+"""Everything-mode benchmark: decoder batching, standard vs hierarchical vs eager SAM, forced skip
+fractions, peak memory, and where the decoder's time goes.
+
+    python benchmarks/bench_everything.py --model models/vit_t --threads 2 \\
+        --json benchmarks/results/everything.json --update-results
+
+Parts (`--parts`, default all):
+- decoder: `predict_batch` time per prompt at several batch sizes (round-robin within each run);
+- modes: one photo, 32 x 32 points: standard, hierarchical (TinySAM's points), hierarchical
+  (exact grid), and eager `segment_anything.SamAutomaticMaskGenerator` on the same weights
+  (needs torch); every run includes the encoder (cache disabled), as SAM's `generate` does;
+- skip: hierarchical time when a forced fraction of the dense points is skipped (random weights
+  give no confident masks, so nothing is skipped naturally; see `ForcedCoverage`);
+- rss: peak RSS of a 32 x 32 run on a 1024 x 1024 image, each configuration in a fresh process
+  (and of SAM's generator for one 64-prompt batch, for contrast);
+- profile: share of decoder time per part of the graph at batch 64 (ORT's profiler).
+Not a test: nothing here asserts speed.
+"""
+
+import argparse
+import collections
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from tinysam_rt import amg, preprocess, sysinfo
+from tinysam_rt.atomic import atomic_write_text
+from tinysam_rt.everything import AmgConfig, HierarchicalConfig, TinySAMAutomaticMaskGenerator
+from tinysam_rt.io import load_image
+from tinysam_rt.predictor import TinySAMPredictor
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+SECTION = "## Everything mode"
+DEFAULT_IMAGE = REPO.parent / "shared" / "images" / "picture1.jpg"
+RSS_IMAGE = REPO.parent / "shared" / "images" / "picture3.jpg"
+BATCH_SIZES = (1, 4, 16, 32, 64, 128)
+SKIP_FRACTIONS = (0.0, 0.25, 0.5, 0.75, 0.9)
+
+
+def _stats(times):
+    times = np.asarray(times, dtype=np.float64)
+    return {"p50_s": float(np.percentile(times, 50)), "p95_s": float(np.percentile(times, 95)),
+            "min_s": float(times.min()), "runs": len(times)}
+
+
+def _random_seed(manifest):
+    """The seed a random-weight export was made from (eager SAM is rebuilt from it)."""
+    weights = manifest.raw["weights"]
+    if weights["source"] != "random":
+        raise SystemExit("bench_everything: eager SAM comparisons need a --random-seed export "
+                         "(or pass --no-torch)")
+    return int(weights["seed"])
+
+
+def _grid_prompts(image_size, count):
+    """`count` everything-mode prompts (grid points + SAM's padding point), 1024 frame."""
+    side = math.ceil(math.sqrt(count))
+    points = amg.build_point_grid(side)[:count] * np.array(image_size[::-1])
+    coords = preprocess.coords_to_input_frame(points, image_size, 1024)
+    feed = np.stack([coords, np.zeros_like(coords)], axis=1)  # (B, 2, 2)
+    return feed, np.tile(np.array([[1.0, -1.0]], np.float32), (count, 1))
+
+
+# -- decoder batching ----------------------------------------------------------------------------
+
+
+def bench_decoder(predictor, image, runs, sizes=BATCH_SIZES):
+    embedding = predictor.embed(image)
+    prompts = {b: _grid_prompts(image.shape[:2], b) for b in sizes}
+    for b in sizes:  # warm-up: first call at each shape allocates
+        predictor.predict_batch(*prompts[b], embedding=embedding)
+    times = {b: [] for b in sizes}
+    wait0 = sysinfo.runqueue_wait_s()
+    for _ in range(runs):
+        for b in sizes:  # round-robin: background load lands on every size alike
+            start = time.perf_counter()
+            predictor.predict_batch(*prompts[b], embedding=embedding)
+            times[b].append(time.perf_counter() - start)
+    rows = []
+    for b in sizes:
+        s = _stats(times[b])
+        rows.append({"batch": b, **s, "ms_per_prompt_p50": s["p50_s"] / b * 1e3,
+                     "ms_per_prompt_min": s["min_s"] / b * 1e3, "prompts_per_s_p50": b / s["p50_s"]})
+    return {"rows": rows, "runqueue_wait_s": sysinfo.runqueue_wait_s() - wait0}
+
+
+# -- strategies ----------------------------------------------------------------------------------
+
+
+def _run_ours(predictor, image, config, hierarchical):
+    wait0, start = sysinfo.runqueue_wait_s(), time.perf_counter()
+    result = TinySAMAutomaticMaskGenerator(predictor, config, hierarchical).run(image)
+    seconds = time.perf_counter() - start
+    stats = result.stats
+    return {"mode": stats.mode, "seconds": seconds, "decoder_seconds": stats.decoder_seconds,
+            "points_run": stats.points_run, "decoder_calls": stats.decoder_calls, "masks": stats.masks,
+            "dense_skipped": stats.dense_skipped, "dense_candidates": stats.dense_candidates,
+            "runqueue_wait_s": sysinfo.runqueue_wait_s() - wait0}
+
+
+def _run_sam(torch_model, image, points_per_side, points_per_batch):
+    from segment_anything import SamAutomaticMaskGenerator
+
+    generator = SamAutomaticMaskGenerator(torch_model, points_per_side=points_per_side, points_per_batch=points_per_batch)
+    wait0, start = sysinfo.runqueue_wait_s(), time.perf_counter()
+    records = generator.generate(image)
+    return {"mode": "eager SamAutomaticMaskGenerator", "seconds": time.perf_counter() - start,
+            "points_run": points_per_side ** 2, "masks": len(records),
+            "runqueue_wait_s": sysinfo.runqueue_wait_s() - wait0}
+
+
+def bench_modes(predictor, image, points_per_side, points_per_batch, runs, torch_model):
+    configs = [
+        (AmgConfig(points_per_side=points_per_side, points_per_batch=points_per_batch), None),
+        (AmgConfig(points_per_side=points_per_side, points_per_batch=points_per_batch), HierarchicalConfig()),
+        (AmgConfig(points_per_side=points_per_side, points_per_batch=points_per_batch), HierarchicalConfig(dense_points="grid")),
+    ]
+    results = collections.defaultdict(list)
+    for _ in range(runs):
+        for config, hierarchical in configs:
+            entry = _run_ours(predictor, image, config, hierarchical)
+            results[entry["mode"]].append(entry)
+    if torch_model is not None:
+        entry = _run_sam(torch_model, image, points_per_side, points_per_batch)
+        results[entry["mode"]].append(entry)
+    summary = {}
+    for mode, entries in results.items():
+        seconds = [e["seconds"] for e in entries]
+        summary[mode] = {**entries[0], **_stats(seconds), "all_seconds": seconds}
+    return summary
+
+
+class ForcedCoverage:
+    """A predictor that runs the real decoder for every prompt, then makes the sparse pass cover
+    the top `fraction` of the image: for the first `n_sparse` prompts, token 1 becomes a band
+    mask (logit +20 above the line, -20 below) with predicted IoU 0.99.
+
+    The dense points above the line are then skipped by the generator's own logic, so the decoder
+    work really shrinks; everything else (decoding, filters, NMS) is the real thing.
+    """
+
+    def __init__(self, inner, fraction, n_sparse):
+        self.inner, self.manifest = inner, inner.manifest
+        self.fraction, self.remaining = fraction, n_sparse
+
+    def embed(self, image):
+        return self.inner.embed(image)
+
+    def predict_batch(self, point_coords, point_labels, mask_input=None, embedding=None):
+        low_res, iou = self.inner.predict_batch(point_coords, point_labels, mask_input, embedding)
+        count = min(self.remaining, len(low_res))
+        if count and self.fraction > 0:
+            rows = int(round(self.fraction * embedding.input_size[0] * low_res.shape[-1] / 1024))
+            low_res[:count, 0] = -20.0
+            low_res[:count, 0, :rows] = 20.0
+            iou[:count, 0] = 0.99
+        self.remaining -= count
+        return low_res, iou
+
+
+def bench_skip(predictor, image, points_per_side, points_per_batch, fractions=SKIP_FRACTIONS):
+    rows = []
+    config = AmgConfig(points_per_side=points_per_side, points_per_batch=points_per_batch)
+    n_sparse = (points_per_side // 4) ** 2
+    for fraction in fractions:
+        entry = _run_ours(ForcedCoverage(predictor, fraction, n_sparse), image, config, HierarchicalConfig())
+        entry["forced_fraction"] = fraction
+        entry["skipped_fraction"] = entry["dense_skipped"] / max(entry["dense_candidates"], 1)
+        rows.append(entry)
+    return rows
+
+
+# -- memory (fresh processes) --------------------------------------------------------------------
+
+
+def rss_image():
+    """A 1024 x 1024 RGB photo: the centre square of picture3.jpg, area-resized."""
+    import cv2
+
+    photo = load_image(RSS_IMAGE)
+    side = min(photo.shape[:2])
+    y0, x0 = (photo.shape[0] - side) // 2, (photo.shape[1] - side) // 2
+    return cv2.resize(photo[y0:y0 + side, x0:x0 + side], (1024, 1024), interpolation=cv2.INTER_AREA)
+
+
+RSS_CONFIGS = {
+    # SAM's defaults: with random weights almost nothing passes, so this is the decode-only floor.
+    "ours 32x32 defaults": dict(points_per_side=32),
+    # Every mask of every prompt is upsampled to 1024 x 1024 (IoU filter off, no low-res prefilter)
+    # and then rejected on its exact stability: the worst case of the bounded upsampling path.
+    "ours 32x32 upsample every mask": dict(points_per_side=32, pred_iou_thresh=0.0, stability_prefilter_margin=1.0),
+}
+
+
+def rss_child(name, model_dir, threads):
+    """Run one configuration in this (fresh) process; print JSON with RSS figures."""
+    image = rss_image()
+    if name == "sam":
+        from segment_anything import SamAutomaticMaskGenerator
+        from tinysam_export.model.build import build_tinysam
+
+        from tinysam_rt.manifest import load_manifest
+
+        model = build_tinysam(checkpoint=None, seed=_random_seed(load_manifest(model_dir)))
+        generator = SamAutomaticMaskGenerator(model, points_per_side=8)  # one batch of 64 prompts
+        generator.predictor.set_image(image)
+        before = sysinfo.current_rss_bytes(), sysinfo.peak_rss_bytes()
+        generator.generate(image)
+    else:
+        predictor = TinySAMPredictor(model_dir=model_dir, threads=threads)
+        predictor.embed(image)
+        before = sysinfo.current_rss_bytes(), sysinfo.peak_rss_bytes()
+        TinySAMAutomaticMaskGenerator(predictor, AmgConfig(**RSS_CONFIGS[name])).run(image)
+    print(json.dumps({"rss_after_setup_bytes": before[0], "peak_before_run_bytes": before[1],
+                      "peak_bytes": sysinfo.peak_rss_bytes()}))
+
+
+def bench_rss(model_dir, threads, with_torch):
+    names = list(RSS_CONFIGS) + (["sam"] if with_torch else [])
+    out = {}
+    for name in names:
+        proc = subprocess.run([sys.executable, __file__, "--rss-child", name, "--model", str(model_dir),
+                               "--threads", str(threads)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"rss child {name!r} failed:\n{proc.stderr}")
+        out["eager SAM, 8x8 (one 64-prompt batch)" if name == "sam" else name] = json.loads(proc.stdout.splitlines()[-1])
+    return out
+
+
+# -- decoder profile -----------------------------------------------------------------------------
+
+
+def _category(node):
+    layer0_image_side = ("layers.0/cross_attn_token_to_image/k_proj", "layers.0/cross_attn_token_to_image/v_proj",
+                         "layers.0/cross_attn_image_to_token/q_proj")
+    if any(key in node for key in layer0_image_side):
+        return "layer 0 image-side k/v/q projections (same for every prompt)"
+    for key, label in (("layers.0", "layer 0, rest"), ("layers.1", "layer 1"), ("final_attn", "final attention"),
+                       ("output_upscaling", "mask upscaler (2 ConvTranspose)"),
+                       ("mask_downscaling", "mask_input downscaling (unused: has_mask_input = 0)"),
+                       ("hypernetworks", "heads"), ("iou_prediction", "heads")):
+        if key in node:
+            return label
+    return "broadcast/transpose/elementwise outside the layers"
+
+
+def bench_profile(model_dir, threads, image, batch=64, runs=3):
+    """Share of ORT node time per graph part at `batch` (a profiling session of its own)."""
+    import onnxruntime as ort
+
+    from tinysam_rt.manifest import load_manifest
+    from tinysam_rt.sessions import make_session_options
+
+    manifest = load_manifest(model_dir)
+    predictor = TinySAMPredictor(model_dir=model_dir, threads=threads)
+    embedding = predictor.embed(image)
+    coords, labels = _grid_prompts(image.shape[:2], batch)
+    with tempfile.TemporaryDirectory() as tmp:
+        options = make_session_options(threads)
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(tmp) / "decoder")
+        session = ort.InferenceSession(str(manifest.decoder.path), options, providers=["CPUExecutionProvider"])
+        feeds = {"image_embeddings": embedding.features, "point_coords": coords, "point_labels": labels,
+                 "mask_input": np.zeros((batch, 1, 256, 256), np.float32), "has_mask_input": np.zeros(batch, np.float32)}
+        for _ in range(runs + 1):
+            session.run(None, feeds)
+        events = json.loads(Path(session.end_profiling()).read_text())
+    by_node = collections.Counter()
+    for event in events:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            by_node[event["name"][: -len("_kernel_time")]] += event["dur"]
+    total = sum(by_node.values())
+    shares = collections.Counter()
+    for node, micros in by_node.items():
+        shares[_category(node)] += micros
+    return {"batch": batch, "runs": runs + 1,
+            "shares": {k: v / total for k, v in shares.most_common()},
+            "top_nodes": {k: v / total for k, v in by_node.most_common(12)}}
+
+
+# -- report --------------------------------------------------------------------------------------
+
+
+def _table(headers, rows):
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def render(report):
+    parts = []
+    if "decoder" in report:
+        rows = [[r["batch"], f"{r['p50_s'] * 1e3:.0f}", f"{r['p95_s'] * 1e3:.0f}", f"{r['min_s'] * 1e3:.0f}",
+                 f"{r['ms_per_prompt_p50']:.1f}", f"{r['ms_per_prompt_min']:.1f}", f"{r['prompts_per_s_p50']:.1f}"]
+                for r in report["decoder"]["rows"]]
+        parts.append("Decoder (`predict_batch`, FP32, everything-mode prompts) by batch size, "
+                     f"{report['settings']['runs']} runs after one warm-up, round-robin over sizes "
+                     f"(run-queue wait during the part: {report['decoder']['runqueue_wait_s']:.1f} s):\n\n"
+                     + _table(["batch", "p50 ms/call", "p95 ms/call", "min ms/call", "p50 ms/prompt",
+                               "min ms/prompt", "prompts/s (p50)"], rows))
+    if "modes" in report:
+        modes = report["modes"]
+        sam = modes.get("eager SamAutomaticMaskGenerator")
+        rows = []
+        for mode, r in modes.items():
+            ratio = f"{sam['p50_s'] / r['p50_s']:.1f}x" if sam else "n/a"
+            decoder = f"{r['decoder_seconds']:.1f}" if "decoder_seconds" in r else "n/a"
+            rows.append([mode, r["points_run"], f"{r['p50_s']:.1f}", f"{r['min_s']:.1f}", decoder,
+                         f"{r['points_run'] / r['p50_s']:.1f}", r["masks"], ratio, f"{r['runqueue_wait_s']:.1f}"])
+        parts.append(f"{report['settings']['points_per_side']}x{report['settings']['points_per_side']} on "
+                     f"`{report['settings']['image']}` {report['settings']['image_size']}, SAM's default "
+                     f"thresholds, encoder included, points_per_batch {report['settings']['points_per_batch']}:\n\n"
+                     + _table(["strategy", "prompts run", "p50 s", "min s", "decoder s (1st run)", "prompts/s",
+                               "masks", "eager SAM / this", "run-queue wait s"], rows))
+    if "skip" in report:
+        base = report["skip"][0]["seconds"]
+        rows = [[f"{r['forced_fraction']:.2f}", f"{r['skipped_fraction']:.3f}", r["points_run"], f"{r['seconds']:.1f}",
+                 f"{r['decoder_seconds']:.1f}", f"{base / r['seconds']:.2f}x"] for r in report["skip"]]
+        std = report.get("modes", {}).get("standard")
+        note = (f" Standard 32x32 in the modes table: {std['p50_s']:.1f} s (p50)." if std else "")
+        parts.append("Hierarchical (TinySAM points) with a forced skip fraction (`ForcedCoverage`: the sparse "
+                     "masks are replaced by a confident band over the top fraction of the image; the real "
+                     "decoder still runs every prompt), one run each:" + note + "\n\n"
+                     + _table(["forced", "dense skipped", "prompts run", "total s", "decoder s",
+                               "speed-up vs no skip"], rows))
+    if "rss" in report:
+        rows = [[name, f"{r['rss_after_setup_bytes'] / 2**20:.0f}", f"{r['peak_before_run_bytes'] / 2**20:.0f}",
+                 f"{r['peak_bytes'] / 2**20:.0f}"] for name, r in report["rss"].items()]
+        parts.append("Peak RSS, 1024 x 1024 image (centre square of picture3.jpg), each row a fresh process:\n\n"
+                     + _table(["configuration", "RSS after model + embedding MiB", "peak before run MiB",
+                               "peak after run MiB"], rows))
+    if "profile" in report:
+        rows = [[k, f"{v * 100:.1f}%"] for k, v in report["profile"]["shares"].items()]
+        parts.append(f"Where the FP32 decoder's time goes at batch {report['profile']['batch']} "
+                     f"(ORT profiler, node kernel time summed over {report['profile']['runs']} runs):\n\n"
+                     + _table(["graph part", "share"], rows))
+    return "\n\n".join(parts) + "\n"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", type=Path, required=True, help="FP32 model directory")
+    parser.add_argument("--image", type=Path, default=DEFAULT_IMAGE)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--runs", type=int, default=5, help="timed runs of the decoder part")
+    parser.add_argument("--mode-runs", type=int, default=1, help="timed runs of each of our strategies")
+    parser.add_argument("--points-per-side", type=int, default=32)
+    parser.add_argument("--points-per-batch", type=int, default=64)
+    parser.add_argument("--parts", default="decoder,modes,skip,rss,profile")
+    parser.add_argument("--no-torch", action="store_true", help="skip eager SAM (modes, rss)")
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--update-results", action="store_true", help=f"rewrite '{SECTION}' in RESULTS.md")
+    parser.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.rss_child:
+        rss_child(args.rss_child, args.model, args.threads)
+        return 0
+
+    parts = set(args.parts.split(","))
+    image = load_image(args.image)
+    system = sysinfo.system_info()
+    report = {"command": "python benchmarks/bench_everything.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "started_at": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "system": system,
+              "settings": {"runs": args.runs, "threads": args.threads, "points_per_side": args.points_per_side,
+                           "points_per_batch": args.points_per_batch, "image": args.image.name,
+                           "image_size": list(image.shape[:2])}}
+    predictor = TinySAMPredictor(model_dir=args.model, threads=args.threads, cache_size=0)
+    if "decoder" in parts:
+        report["decoder"] = bench_decoder(predictor, image, args.runs)
+    if "modes" in parts:
+        torch_model = None
+        if not args.no_torch:
+            import torch
+
+            from tinysam_export.model.build import build_tinysam
+
+            torch.set_num_threads(args.threads)
+            torch_model = build_tinysam(checkpoint=None, seed=_random_seed(predictor.manifest))
+        report["modes"] = bench_modes(predictor, image, args.points_per_side, args.points_per_batch,
+                                      args.mode_runs, torch_model)
+    if "skip" in parts:
+        report["skip"] = bench_skip(predictor, image, args.points_per_side, args.points_per_batch)
+    if "rss" in parts:
+        report["rss"] = bench_rss(args.model, args.threads, not args.no_torch)
+    if "profile" in parts:
+        report["profile"] = bench_profile(args.model, args.threads, image)
+    report["load_average_end"] = sysinfo.load_average()
+    if args.json:
+        atomic_write_text(args.json, json.dumps(report, indent=2) + "\n")
+    markdown = render(report)
+    sys.stdout.write(markdown)
+    if args.update_results:
+        sys.path.insert(0, str(HERE))
+        from update_results import _machine_line, replace_section
+
+        results = HERE / "RESULTS.md"
+        body = "\n\n".join([
+            f"Command ({report['started_at']}):\n\n    {report['command']}",
+            _machine_line(system, system["load_average"], report["load_average_end"]),
+            markdown,
+        ])
+        text = results.read_text() if results.exists() else "# Benchmark results\n"
+        atomic_write_text(results, replace_section(text, SECTION, body))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
