@@ -81,6 +81,8 @@ def overlay_masks(image, masks, colors=None, alpha=0.5):
 
 def palette(count):
     """(count, 3) uint8 RGB colours spread around the hue circle (golden-ratio steps)."""
+    if count == 0:
+        return np.zeros((0, 3), np.uint8)  # cv2.cvtColor refuses empty input (everything mode may find no mask)
     hues = (np.arange(count) * 0.618033988749895 % 1.0 * 180).astype(np.uint8)  # cv2 hue is 0..179
     hsv = np.stack([hues, np.full(count, 200, np.uint8), np.full(count, 255, np.uint8)], axis=1)
     return cv2.cvtColor(hsv[None], cv2.COLOR_HSV2RGB)[0]
