@@ -11,7 +11,19 @@ from pathlib import Path
 
 
 def _umask():
-    mask = os.umask(0)
+    """The process umask, read without changing it where the OS allows.
+
+    os.umask can only be read by setting it; for that instant every file another thread creates
+    gets mode 0666/0777, so Linux's /proc/self/status is read instead.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o077)  # the fallback's window is restrictive, never world-writable
     os.umask(mask)
     return mask
 
