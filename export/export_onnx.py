@@ -37,6 +37,9 @@ MODEL_NAME = "tinysam_vit_t"
 EXPORTER = "torch.onnx.export (TorchScript tracer, dynamo=False)"
 # Trace the decoder with B and N other than 1 so the tracer cannot specialise a size-1 axis.
 TRACE_B, TRACE_N = 2, 3
+# ORT vs eager PyTorch in the pre-publish check; ~1e-5 is typical, so this catches a wrong graph,
+# not float noise (the tests hold the graphs to 1e-4).
+VERIFY_TOLERANCE = 1e-3
 
 
 def weights_info(checkpoint, seed):
@@ -51,11 +54,10 @@ def weights_info(checkpoint, seed):
     return {"source": "random", "checkpoint_sha256": None, "seed": seed, "weights_id": f"random-seed-{seed}"}
 
 
-def _example_decoder_inputs(batch, num_points, image_embeddings=None):
+def _example_decoder_inputs(batch, num_points):
     """Decoder feeds in the contract's order: (embeddings, coords, labels, mask_input, has_mask)."""
     gen = torch.Generator().manual_seed(0)
-    if image_embeddings is None:
-        image_embeddings = torch.randn(1, 256, 64, 64, generator=gen)
+    image_embeddings = torch.randn(1, 256, 64, 64, generator=gen)
     coords = torch.rand(batch, num_points, 2, generator=gen) * IMAGE_SIZE  # (B, N, 2) XY, 1024 frame
     labels = torch.randint(-1, 4, (batch, num_points), generator=gen).float()  # (B, N) every label kind
     mask_input = torch.randn(batch, 1, 256, 256, generator=gen)
@@ -154,26 +156,38 @@ def build_manifest(model_dir, weights, opset):
     }
 
 
-def smoke_run(model_dir):
-    """Load `model_dir` as the runtime would (sha256, I/O contract) and run each graph once.
+def smoke_run(model_dir, model):
+    """Load `model_dir` as the runtime would (sha256, I/O contract), run each graph once and
+    compare with the eager PyTorch modules that were traced.
 
+    Args:
+        model_dir: Path of the not yet published model directory.
+        model: the Sam the graphs were exported from.
     Raises:
         ModelFileError: from the runtime's checks.
-        RuntimeError: an output has the wrong shape or is not finite.
+        RuntimeError: an output has the wrong shape, is not finite, or differs from PyTorch by
+            more than VERIFY_TOLERANCE.
     """
     manifest = manifest_mod.load_manifest(model_dir)
-    encoder = EncoderSession(manifest.encoder, threads=1)
-    decoder = DecoderSession(manifest.decoder, threads=1)
-    image = np.random.default_rng(0).standard_normal((1, 3, IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
-    embeddings = encoder.run(image)
-    feeds = [t.numpy() for t in _example_decoder_inputs(TRACE_B + 1, TRACE_N + 1)]
-    masks, iou = decoder.run(embeddings, *feeds[1:])
-    expected = {"image_embeddings": (1, 256, 64, 64), "low_res_masks": (TRACE_B + 1, 3, 256, 256),
-                "iou_predictions": (TRACE_B + 1, 3)}
-    for name, value in zip(expected, (embeddings, masks, iou)):
-        if value.shape != expected[name] or not np.isfinite(value).all():
-            raise RuntimeError(f"smoke run of {model_dir}: {name} has shape {value.shape} "
-                               f"(expected {expected[name]}) or non-finite values")
+    encoder = EncoderSession(manifest.encoder)
+    decoder = DecoderSession(manifest.decoder)
+    image = torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(1))
+    embeddings = encoder.run(image.numpy())  # (1, 256, 64, 64)
+    prompts = _example_decoder_inputs(TRACE_B + 1, TRACE_N + 1)[1:]  # a B and N not traced with
+    masks, iou = decoder.run(embeddings, *(t.numpy() for t in prompts))
+    with torch.no_grad():
+        want_masks, want_iou = DecoderOnnx(model)(torch.from_numpy(embeddings), *prompts)
+        expected = {"image_embeddings": EncoderOnnx(model)(image), "low_res_masks": want_masks,
+                    "iou_predictions": want_iou}
+    for (name, want), got in zip(expected.items(), (embeddings, masks, iou)):
+        want = want.numpy()
+        if got.shape != want.shape or not np.isfinite(got).all():
+            raise RuntimeError(f"smoke run of {model_dir}: {name} has shape {got.shape} (expected {want.shape}) "
+                               f"or non-finite values")
+        diff = float(np.abs(got - want).max())
+        if diff > VERIFY_TOLERANCE:
+            raise RuntimeError(f"smoke run of {model_dir}: ONNX Runtime {name} differs from PyTorch by {diff:.2e} "
+                               f"(> {VERIFY_TOLERANCE}); the exported graph is wrong")
 
 
 def export_model(out_dir, checkpoint=None, seed=0, opset=17):
@@ -201,7 +215,7 @@ def export_model(out_dir, checkpoint=None, seed=0, opset=17):
         export_decoder(model, tmp / DECODER_FILE, opset)
         doc = build_manifest(tmp, weights, opset)
         (tmp / manifest_mod.MANIFEST_NAME).write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
-        smoke_run(tmp)
+        smoke_run(tmp, model)
     return out_dir / manifest_mod.MANIFEST_NAME
 
 

@@ -14,7 +14,7 @@ torch = pytest.importorskip("torch", reason="needs the dev extra (torch)")
 pytest.importorskip("segment_anything", reason="needs the dev extra (segment_anything)")
 
 from tinysam_export import export_onnx  # noqa: E402
-from tinysam_export.model.build import PIXEL_MEAN, PIXEL_STD, save_random_checkpoint  # noqa: E402
+from tinysam_export.model.build import PIXEL_MEAN, PIXEL_STD, build_tinysam, save_random_checkpoint  # noqa: E402
 from tinysam_rt.manifest import load_manifest, sha256_file  # noqa: E402
 from tinysam_rt.sessions import DecoderSession, EncoderSession  # noqa: E402
 
@@ -147,7 +147,14 @@ def test_checkpoint_export_records_its_sha256_and_equals_the_seed_export(tmp_pat
     assert from_ckpt.decoder.sha256 == manifest.decoder.sha256
 
 
-def _fail(model_dir):
+def test_pre_publish_check_rejects_graphs_of_other_weights(fp32_model_dir):
+    # (It passes for the model a graph came from: every export_model call above runs it.)
+    other = build_tinysam(seed=1)
+    with pytest.raises(RuntimeError, match="ONNX Runtime image_embeddings differs from PyTorch by"):
+        export_onnx.smoke_run(fp32_model_dir, other)
+
+
+def _fail(model_dir, model):
     raise RuntimeError("smoke run failed (injected)")
 
 
