@@ -13,7 +13,9 @@ Parts (`--parts`, default all):
   give no confident masks, so nothing is skipped naturally; see `ForcedCoverage`);
 - rss: peak RSS of a 32 x 32 run on a 1024 x 1024 image, each configuration in a fresh process
   (and of SAM's generator for one 64-prompt batch, for contrast);
-- profile: share of decoder time per part of the graph at batch 64 (ORT's profiler).
+- profile: share of decoder time per part of the graph at batch 64 (ORT's profiler);
+- proposal: the plain decoder graph against two prototype graphs with less work per prompt
+  (see `_build_proposed_decoder`), same prompts, round-robin (needs torch).
 Not a test: nothing here asserts speed.
 """
 
@@ -286,6 +288,196 @@ def bench_profile(model_dir, threads, image, batch=64, runs=3):
             "top_nodes": {k: v / total for k, v in by_node.most_common(12)}}
 
 
+# -- proposal: a points-only decoder graph with less work per prompt (prototype, needs torch) -----
+
+
+def _build_proposed_decoder(model, reassociate):
+    """A torch module with the decoder contract minus the mask inputs (everything mode never uses
+    them), returning what `DecoderOnnx` returns with has_mask_input = 0, computed with less work
+    per prompt. Evidence for the export owner, not a shipped graph.
+
+    - Prompt-independent work runs once per batch: the image + no-mask embedding, the positional
+      encoding, and layer 0's image-side k/v (token->image) and q (image->token) projections,
+      shared by all B prompts through broadcasting. The mask_input downscaling is gone.
+    - With `reassociate`, every remaining image-side projection is multiplied through the T = 7
+      tokens instead of the 4096 image positions (exact algebra, only the summation order
+      changes): for token->image attention, scores = (q_h W_k,h) X^T and out = (A_h X) W_v,h + b_v
+      (the q_h . b_k,h term is constant over the softmax axis); for image->token attention,
+      scores = X (W_q,h^T k_h) + b_q,h . k_h and out = A_h (v_h W_o,h^T) + b_o. Each
+      4096 x 256 x 128 projection (134 M MAC per prompt) becomes 4096 x 256 x 56 (59 M MAC).
+    """
+    import torch
+    from torch import nn
+
+    from tinysam_export.onnx_wrappers import DecoderOnnx
+
+    def heads(x, h):  # (B, N, C) -> (B, h, N, C / h)
+        return x.reshape(x.shape[0], x.shape[1], h, -1).transpose(1, 2)
+
+    def token_to_image(attn, q_in, key_src, value_src):
+        """attn(q=q_in, k=key_src, v=value_src), tokens attending to the image, reassociated."""
+        h = attn.num_heads
+        d = attn.internal_dim // h
+        b, t = q_in.shape[:2]
+        q = heads(attn.q_proj(q_in), h)  # (B, h, T, d)
+        q_img = (q @ attn.k_proj.weight.reshape(h, d, -1)).reshape(b, h * t, -1)  # (B, hT, 256)
+        scores = (q_img @ key_src.transpose(1, 2)) / math.sqrt(d)  # (B, hT, 4096)
+        mixed = torch.softmax(scores, dim=-1) @ value_src  # (B, hT, 256): rows of A sum to 1
+        out = mixed.reshape(b, h, t, -1) @ attn.v_proj.weight.reshape(h, d, -1).transpose(1, 2)  # (B, h, T, d)
+        out = out + attn.v_proj.bias.reshape(1, h, 1, d)
+        return attn.out_proj(out.transpose(1, 2).reshape(b, t, h * d))
+
+    def image_to_token(attn, query_src, k_in, v_in, shared_q=None):
+        """attn(q=query_src, k=k_in, v=v_in), the image attending to tokens, reassociated.
+
+        shared_q: (1, h, 4096, d) precomputed q projection (layer 0), else computed through T.
+        """
+        h = attn.num_heads
+        d = attn.internal_dim // h
+        b, t = k_in.shape[:2]
+        k = heads(attn.k_proj(k_in), h)  # (B, h, T, d)
+        if shared_q is not None:
+            scores = (shared_q @ k.transpose(2, 3)).permute(0, 2, 1, 3)  # (B, 4096, h, T)
+        else:
+            k_img = (k @ attn.q_proj.weight.reshape(h, d, -1)).reshape(b, h * t, -1)  # (B, hT, 256)
+            bias = (k * attn.q_proj.bias.reshape(1, h, 1, d)).sum(-1).reshape(b, 1, h * t)  # (B, 1, hT)
+            scores = (query_src @ k_img.transpose(1, 2) + bias).reshape(b, -1, h, t)  # (B, 4096, h, T)
+        weights = torch.softmax(scores / math.sqrt(d), dim=-1).reshape(b, -1, h * t)  # (B, 4096, hT)
+        v = heads(attn.v_proj(v_in), h)  # (B, h, T, d)
+        v_out = (v @ attn.out_proj.weight.reshape(-1, h, d).permute(1, 2, 0)).reshape(b, h * t, -1)  # (B, hT, 256)
+        return weights @ v_out + attn.out_proj.bias
+
+    class ProposedDecoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.base = DecoderOnnx(model)
+
+        def forward(self, image_embeddings, point_coords, point_labels):
+            base, decoder = self.base, model.mask_decoder
+            transformer, prompt = decoder.transformer, model.prompt_encoder
+            layer0, layer1 = transformer.layers
+            sparse = base.embed_points(point_coords, point_labels)  # (B, N, 256)
+            b = sparse.shape[0]
+            output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
+            tokens = torch.cat([output_tokens.unsqueeze(0).expand(b, -1, -1), sparse], dim=1)  # (B, T, 256)
+            image = (image_embeddings + prompt.no_mask_embed.weight.reshape(1, -1, 1, 1)).flatten(2).transpose(1, 2)  # (1, 4096, 256)
+            pos = prompt.get_dense_pe().flatten(2).transpose(1, 2)  # (1, 4096, 256)
+
+            # Layer 0: everything image-side is shared by the batch.
+            a = layer0.cross_attn_token_to_image
+            h, d = a.num_heads, a.internal_dim // a.num_heads
+            queries = layer0.norm1(layer0.self_attn(q=tokens, k=tokens, v=tokens))
+            k_shared = heads(a.k_proj(image + pos), h)  # (1, h, 4096, d)
+            v_shared = heads(a.v_proj(image), h)
+            q = heads(a.q_proj(queries + tokens), h)  # (B, h, T, d)
+            out = torch.softmax(q @ k_shared.transpose(2, 3) / math.sqrt(d), dim=-1) @ v_shared  # (B, h, T, d)
+            queries = layer0.norm2(queries + a.out_proj(out.transpose(1, 2).reshape(b, -1, h * d)))
+            queries = layer0.norm3(queries + layer0.mlp(queries))
+            a = layer0.cross_attn_image_to_token
+            q_shared = heads(a.q_proj(image + pos), h)  # (1, h, 4096, d)
+            if reassociate:
+                attn_out = image_to_token(a, None, queries + tokens, queries, shared_q=q_shared)
+            else:
+                k = heads(a.k_proj(queries + tokens), h)
+                v = heads(a.v_proj(queries), h)
+                mixed = torch.softmax(q_shared @ k.transpose(2, 3) / math.sqrt(d), dim=-1) @ v  # (B, h, 4096, d)
+                attn_out = a.out_proj(mixed.transpose(1, 2).reshape(b, -1, h * d))
+            keys = layer0.norm4(image + attn_out)  # (B, 4096, 256)
+
+            # Layer 1 and the final attention: per prompt.
+            q = queries + tokens
+            queries = layer1.norm1(queries + layer1.self_attn(q=q, k=q, v=queries))
+            if reassociate:
+                queries = layer1.norm2(queries + token_to_image(layer1.cross_attn_token_to_image, queries + tokens, keys + pos, keys))
+            else:
+                queries = layer1.norm2(queries + layer1.cross_attn_token_to_image(q=queries + tokens, k=keys + pos, v=keys))
+            queries = layer1.norm3(queries + layer1.mlp(queries))
+            if reassociate:
+                keys = layer1.norm4(keys + image_to_token(layer1.cross_attn_image_to_token, keys + pos, queries + tokens, queries))
+            else:
+                keys = layer1.norm4(keys + layer1.cross_attn_image_to_token(q=keys + pos, k=queries + tokens, v=queries))
+            if reassociate:
+                final = token_to_image(transformer.final_attn_token_to_image, queries + tokens, keys + pos, keys)
+            else:
+                final = transformer.final_attn_token_to_image(q=queries + tokens, k=keys + pos, v=keys)
+            queries = transformer.norm_final_attn(queries + final)
+
+            masks_tokens = queries[:, 1:1 + decoder.num_mask_tokens]  # (B, 4, 256)
+            upscaled = decoder.output_upscaling(keys.transpose(1, 2).reshape(b, 256, 64, 64))  # (B, 32, 256, 256)
+            hyper = torch.stack([decoder.output_hypernetworks_mlps[i](masks_tokens[:, i]) for i in (1, 2, 3)], dim=1)
+            masks = (hyper @ upscaled.flatten(2)).reshape(b, 3, 256, 256)
+            iou = decoder.iou_prediction_head(queries[:, 0])[:, 1:]
+            return masks, iou
+
+    return ProposedDecoder().eval()
+
+
+def bench_proposal(model_dir, threads, image, runs, sizes=(1, 16, 64)):
+    """Time the plain decoder against the two prototypes in ORT, same prompts, round-robin."""
+    import warnings
+
+    import onnxruntime as ort
+    import torch
+
+    from tinysam_export.model.build import build_tinysam
+    from tinysam_rt.manifest import load_manifest
+    from tinysam_rt.sessions import make_session_options
+
+    manifest = load_manifest(model_dir)
+    model = build_tinysam(checkpoint=None, seed=_random_seed(manifest)).eval()
+    predictor = TinySAMPredictor(model_dir=model_dir, threads=threads)
+    embedding = predictor.embed(image)
+    sessions = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, reassociate in (("hoist layer 0, no mask path", False), ("hoist layer 0 + reassociate", True)):
+            path = Path(tmp) / f"{reassociate}.onnx"
+            module = _build_proposed_decoder(model, reassociate)
+            example = (torch.from_numpy(np.array(embedding.features)), *map(torch.from_numpy, _grid_prompts(image.shape[:2], 2)))
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(module, example, str(path), dynamo=False, opset_version=17, do_constant_folding=True,
+                                  input_names=["image_embeddings", "point_coords", "point_labels"],
+                                  output_names=["low_res_masks", "iou_predictions"],
+                                  dynamic_axes={"point_coords": {0: "B", 1: "N"}, "point_labels": {0: "B", 1: "N"}})
+            sessions[name] = ort.InferenceSession(str(path), make_session_options(threads), providers=["CPUExecutionProvider"])
+
+    def run(name, coords, labels):
+        if name == "plain (manifest decoder)":
+            return predictor.predict_batch(coords, labels, embedding=embedding)
+        return sessions[name].run(None, {"image_embeddings": embedding.features, "point_coords": coords,
+                                         "point_labels": labels})
+
+    names = ["plain (manifest decoder)", *sessions]
+    prompts = {b: _grid_prompts(image.shape[:2], b) for b in sizes}
+    reference = run(names[0], *prompts[16])
+    agreement = {}
+    for name in names[1:]:
+        low, iou = run(name, *prompts[16])
+        agreement[name] = {"max_abs_logit_diff": float(np.abs(low - reference[0]).max()),
+                           "max_abs_iou_diff": float(np.abs(iou - reference[1]).max()),
+                           "mask_pixel_agreement": float(((low > 0) == (reference[0] > 0)).mean())}
+    times = {(n, b): [] for n in names for b in sizes}
+    for b in sizes:
+        for name in names:
+            run(name, *prompts[b])  # warm-up
+    wait0 = sysinfo.runqueue_wait_s()
+    for _ in range(runs):
+        for b in sizes:
+            for name in names:
+                start = time.perf_counter()
+                run(name, *prompts[b])
+                times[(name, b)].append(time.perf_counter() - start)
+    rows = []
+    for b in sizes:
+        plain = _stats(times[(names[0], b)])
+        for name in names:
+            s = _stats(times[(name, b)])
+            rows.append({"graph": name, "batch": b, **s, "ms_per_prompt_p50": s["p50_s"] / b * 1e3,
+                         "ms_per_prompt_min": s["min_s"] / b * 1e3, "speedup_p50": plain["p50_s"] / s["p50_s"],
+                         "speedup_min": plain["min_s"] / s["min_s"]})
+    return {"rows": rows, "agreement": agreement, "runqueue_wait_s": sysinfo.runqueue_wait_s() - wait0}
+
+
 # -- report --------------------------------------------------------------------------------------
 
 
@@ -342,6 +534,20 @@ def render(report):
         parts.append(f"Where the FP32 decoder's time goes at batch {report['profile']['batch']} "
                      f"(ORT profiler, node kernel time summed over {report['profile']['runs']} runs):\n\n"
                      + _table(["graph part", "share"], rows))
+    if "proposal" in report:
+        prop = report["proposal"]
+        rows = [[r["graph"], r["batch"], f"{r['ms_per_prompt_p50']:.1f}", f"{r['ms_per_prompt_min']:.1f}",
+                 f"{r['batch'] / r['p50_s']:.1f}", f"{r['speedup_p50']:.2f}x", f"{r['speedup_min']:.2f}x"]
+                for r in prop["rows"]]
+        agree = "; ".join(f"{k}: max |logit diff| {v['max_abs_logit_diff']:.1e}, max |IoU diff| "
+                          f"{v['max_abs_iou_diff']:.1e}, mask pixels equal {v['mask_pixel_agreement'] * 100:.4f}%"
+                          for k, v in prop["agreement"].items())
+        parts.append("Proposal for the decoder export (prototype graphs built by this benchmark from the same "
+                     "weights; see `_build_proposed_decoder`), FP32, round-robin with the plain graph, "
+                     f"{report['settings']['runs']} runs (run-queue wait {prop['runqueue_wait_s']:.1f} s). "
+                     f"Agreement with the plain graph at B=16: {agree}.\n\n"
+                     + _table(["graph", "batch", "p50 ms/prompt", "min ms/prompt", "prompts/s (p50)",
+                               "speed-up p50", "speed-up min"], rows))
     return "\n\n".join(parts) + "\n"
 
 
@@ -354,7 +560,7 @@ def main(argv=None):
     parser.add_argument("--mode-runs", type=int, default=1, help="timed runs of each of our strategies")
     parser.add_argument("--points-per-side", type=int, default=32)
     parser.add_argument("--points-per-batch", type=int, default=64)
-    parser.add_argument("--parts", default="decoder,modes,skip,rss,profile")
+    parser.add_argument("--parts", default="decoder,modes,skip,rss,profile,proposal")
     parser.add_argument("--no-torch", action="store_true", help="skip eager SAM (modes, rss)")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--update-results", action="store_true", help=f"rewrite '{SECTION}' in RESULTS.md")
@@ -392,6 +598,8 @@ def main(argv=None):
         report["rss"] = bench_rss(args.model, args.threads, not args.no_torch)
     if "profile" in parts:
         report["profile"] = bench_profile(args.model, args.threads, image)
+    if "proposal" in parts:
+        report["proposal"] = bench_proposal(args.model, args.threads, image, args.runs)
     report["load_average_end"] = sysinfo.load_average()
     if args.json:
         atomic_write_text(args.json, json.dumps(report, indent=2) + "\n")
