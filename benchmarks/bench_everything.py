@@ -14,6 +14,7 @@ Parts (`--parts`, default all):
 - rss: peak RSS of a 32 x 32 run on a 1024 x 1024 image, each configuration in a fresh process
   (and of SAM's generator for one 64-prompt batch, for contrast);
 - profile: share of decoder time per part of the graph at batch 64 (ORT's profiler);
+- stability: low-res (prefilter) vs full-resolution stability score;
 - proposal: the plain decoder graph against two prototype graphs with less work per prompt
   (see `_build_proposed_decoder`), same prompts, round-robin (needs torch).
 Not a test: nothing here asserts speed.
@@ -478,6 +479,47 @@ def bench_proposal(model_dir, threads, image, runs, sizes=(1, 16, 64)):
     return {"rows": rows, "agreement": agreement, "runqueue_wait_s": sysinfo.runqueue_wait_s() - wait0}
 
 
+# -- low-res vs full-resolution stability score ----------------------------------------------------
+
+
+def bench_stability(predictor, image, fields=300, seed=0):
+    """How far the 256 x 256 stability score (the prefilter) is from SAM's full-resolution one.
+
+    On smooth random logit fields (Gaussian-blurred noise, random slopes: the shape of trained
+    mask logits) and on the random-weight decoder's outputs for an 8 x 8 grid on the photo.
+    """
+    import cv2
+
+    from tinysam_rt import postprocess
+
+    rng = np.random.default_rng(seed)
+    input_size = preprocess.preprocess_shape(*image.shape[:2], 1024)
+    rows, cols = math.ceil(input_size[0] / 4), math.ceil(input_size[1] / 4)
+
+    def scores(low_res):  # (K, 256, 256) -> (low-res, full-res) stability
+        coarse = amg.calculate_stability_score(low_res[:, :rows, :cols], 0.0, 1.0)
+        full = np.concatenate([amg.calculate_stability_score(
+            postprocess.upscale_logits(low_res[i:i + 8, None], input_size, image.shape[:2])[:, 0], 0.0, 1.0)
+            for i in range(0, len(low_res), 8)])
+        return coarse, full
+
+    smooth = []
+    for _ in range(fields):
+        field = cv2.GaussianBlur(rng.normal(size=(256, 256)).astype(np.float32), (0, 0), sigmaX=rng.uniform(4, 20))
+        field = (field - np.median(field) * rng.uniform(0.5, 1.5)) / field.std()
+        smooth.append(field * rng.uniform(3, 24))  # 3..24 logits per field std
+    out = {}
+    embedding = predictor.embed(image)
+    low_res, _ = predictor.predict_batch(*_grid_prompts(image.shape[:2], 64), embedding=embedding)
+    for name, low in (("smooth random fields", np.stack(smooth).astype(np.float32)),
+                      ("random-weight decoder, 64 prompts x 3", low_res.reshape(-1, 256, 256))):
+        coarse, full = scores(low)
+        diff = full - coarse
+        out[name] = {"count": len(diff), "full_res_range": [float(full.min()), float(full.max())],
+                     "diff_min": float(diff.min()), "diff_p50": float(np.median(diff)), "diff_max": float(diff.max())}
+    return out
+
+
 # -- report --------------------------------------------------------------------------------------
 
 
@@ -534,6 +576,13 @@ def render(report):
         parts.append(f"Where the FP32 decoder's time goes at batch {report['profile']['batch']} "
                      f"(ORT profiler, node kernel time summed over {report['profile']['runs']} runs):\n\n"
                      + _table(["graph part", "share"], rows))
+    if "stability" in report:
+        rows = [[name, r["count"], f"{r['full_res_range'][0]:.3f}..{r['full_res_range'][1]:.3f}",
+                 f"{r['diff_min']:+.4f}", f"{r['diff_p50']:+.4f}", f"{r['diff_max']:+.4f}"]
+                for name, r in report["stability"].items()]
+        parts.append("Stability score at full resolution (SAM) minus at 256 x 256 inside the unpadded area "
+                     "(the prefilter, margin 0.05):\n\n"
+                     + _table(["logits", "masks", "full-res score range", "min diff", "median diff", "max diff"], rows))
     if "proposal" in report:
         prop = report["proposal"]
         rows = [[r["graph"], r["batch"], f"{r['ms_per_prompt_p50']:.1f}", f"{r['ms_per_prompt_min']:.1f}",
@@ -560,7 +609,7 @@ def main(argv=None):
     parser.add_argument("--mode-runs", type=int, default=1, help="timed runs of each of our strategies")
     parser.add_argument("--points-per-side", type=int, default=32)
     parser.add_argument("--points-per-batch", type=int, default=64)
-    parser.add_argument("--parts", default="decoder,modes,skip,rss,profile,proposal")
+    parser.add_argument("--parts", default="decoder,modes,skip,rss,profile,stability,proposal")
     parser.add_argument("--no-torch", action="store_true", help="skip eager SAM (modes, rss)")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--update-results", action="store_true", help=f"rewrite '{SECTION}' in RESULTS.md")
@@ -598,6 +647,8 @@ def main(argv=None):
         report["rss"] = bench_rss(args.model, args.threads, not args.no_torch)
     if "profile" in parts:
         report["profile"] = bench_profile(args.model, args.threads, image)
+    if "stability" in parts:
+        report["stability"] = bench_stability(predictor, image)
     if "proposal" in parts:
         report["proposal"] = bench_proposal(args.model, args.threads, image, args.runs)
     report["load_average_end"] = sysinfo.load_average()
