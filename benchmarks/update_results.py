@@ -137,7 +137,7 @@ def main(argv=None):
         bench_summary(report),
         tables,
         "Raw numbers: `benchmarks/results/bench.json`. Regenerate both sections with "
-        f"`python benchmarks/update_results.py {' '.join(models)}`.",
+        f"`python benchmarks/update_results.py {' '.join(argv if argv is not None else sys.argv[1:])}`.",
     ])
     text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
     text = replace_section(text, BENCH_SECTION, body)

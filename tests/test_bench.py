@@ -6,6 +6,7 @@ relations between its numbers.
 
 import copy
 import json
+import shutil
 import subprocess
 import sys
 
@@ -68,6 +69,23 @@ def test_missing_image_and_json_directory(fp32_model_dir, tmp_path, capsys):
     assert (code, err) == (2, f"tinysam-bench: error: --json {tmp_path} is a directory; give a file path\n")
     code, _, err = _main(["--model", str(fp32_model_dir), "--model", str(fp32_model_dir)], capsys)
     assert (code, err) == (2, f"tinysam-bench: error: --model {fp32_model_dir} is given twice\n")
+    not_image = tmp_path / "notes.jpg"
+    not_image.write_text("not an image")
+    code, _, err = _main(["--model", str(fp32_model_dir), "--image", str(not_image)], capsys)
+    assert code == 2
+    assert err == f"tinysam-bench: error: --image {not_image}: not a readable image (unsupported format or corrupt file)\n"
+
+
+@pytest.mark.torch  # the test model is exported with torch
+def test_corrupt_model_is_a_runtime_error(fp32_model_dir, tmp_path, capsys):
+    broken = tmp_path / "vit_t"
+    shutil.copytree(fp32_model_dir, broken)
+    with open(broken / "decoder.onnx", "r+b") as f:
+        f.truncate(1000)
+    code, out, err = _main(["--model", str(broken), "--no-peak", "--quiet"], capsys)
+    assert (code, out) == (1, "")
+    assert err.startswith(f"tinysam-bench: error: {broken / 'decoder.onnx'}: sha256 ")
+    assert err.count("\n") == 1
 
 
 @pytest.mark.parametrize("flag", ["--help", "--version"])

@@ -154,22 +154,26 @@ def _labels(dirs, manifests):
     return [f"{d} ({m.encoder.precision})" if names.count(n) > 1 else n for n, d, m in zip(names, dirs, manifests)]
 
 
-def run(args, dirs, progress):
-    """Measure every model and return the JSON-ready report."""
+def run(args, dirs, image, progress, command):
+    """Measure every model and return the JSON-ready report.
+
+    Args:
+        image: (H, W, 3) uint8 RGB, or None for the generated scene.
+        command: the argv to record (the flags as the user gave them).
+    """
     from tinysam_rt import bench_report, bench_run, sysinfo
-    from tinysam_rt.io import load_image
 
     threads = args.threads or default_threads()
     report = {
         "schema": SCHEMA,
         "tinysam_rt_version": __version__,
-        "command": ["tinysam-bench", *sys.argv[1:]],
+        "command": ["tinysam-bench", *command],
         "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "settings": {"runs": args.runs, "warmup": args.warmup, "threads": threads, "batch": args.batch,
                      "gemm_n": args.gemm_n},
         "system": sysinfo.system_info(),
     }
-    image = load_image(args.image) if args.image else bench_run.synthetic_image()
+    image = bench_run.synthetic_image() if image is None else image
     report["image"] = {"source": args.image or "generated", "height": image.shape[0], "width": image.shape[1]}
     if not args.no_peak:
         progress(f"machine limit: {args.gemm_n}^3 GEMM, numpy and ORT at threads {threads}")
@@ -214,21 +218,28 @@ def main(argv=None):
             print(f"[tinysam-bench] {message}", file=sys.stderr, flush=True)
 
     from tinysam_rt.errors import ModelFileError
+    from tinysam_rt.io import load_image
 
     try:
-        report = run(args, dirs, progress)
+        image = load_image(args.image) if args.image else None
+    except ValueError as exc:  # not a readable image
+        print(f"tinysam-bench: error: --image {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        report = run(args, dirs, image, progress, sys.argv[1:] if argv is None else list(argv))
     except (ModelFileError, FileNotFoundError) as exc:
         print(f"tinysam-bench: error: {exc}", file=sys.stderr)
         return EXIT_RUNTIME
-    except ValueError as exc:  # e.g. --image is not a readable image
-        print(f"tinysam-bench: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
     from tinysam_rt import bench_report
     from tinysam_rt.atomic import atomic_write_text
 
     sys.stdout.write(bench_report.format_report(report, markdown=args.markdown))
     if args.json:
-        atomic_write_text(args.json, json.dumps(report, indent=2) + "\n")
+        try:
+            atomic_write_text(args.json, json.dumps(report, indent=2) + "\n")
+        except OSError as exc:
+            print(f"tinysam-bench: error: cannot write --json {args.json}: {exc}", file=sys.stderr)
+            return EXIT_RUNTIME
         progress(f"wrote {args.json}")
     return 0
 

@@ -110,6 +110,26 @@ def _model_rows(models):
     return headers, rows
 
 
+_KINDS = ("conv", "matmul_weight", "matmul_batched", "conv_transpose", "gemm")
+
+
+def _flops_rows(models):
+    rows = []
+    for m in models:
+        f = m.get("flops")
+        if not f:
+            continue
+        for graph, name in (("encoder", "encoder"), ("decoder_1", "decoder B=1"),
+                            ("decoder_batch", f"decoder B={f['decoder_batch']['batch']}")):
+            g = f[graph]
+            rows.append([m["label"], name, f"{g['macs'] / 1e9:.3f}", f"{g['flops'] / 1e9:.2f}"]
+                        + [f"{g['by_kind'].get(k, 0) / 1e9:.3f}" for k in _KINDS]
+                        + [", ".join(g["uncountable_heavy_ops"]) or "none"])
+    headers = ["model", "graph", "GMAC", "GFLOP", "conv GMAC", "linear MatMul GMAC", "batched MatMul GMAC",
+               "ConvTranspose GMAC", "Gemm GMAC", "uncounted heavy ops"]
+    return headers, rows
+
+
 def _latency_rows(models):
     rows = []
     for m in models:
@@ -120,7 +140,7 @@ def _latency_rows(models):
                 rows.append([m["label"], str(entry["threads"]), name, _ms(s["p50_s"]), _ms(s["p95_s"]), _ms(s["min_s"]),
                              _num(s["cpu_per_wall"], ".2f"), _ms(s["runqueue_wait_p50_s"]),
                              _num(ach.get("gflops_per_s_p50"), ".1f"), _num(ach.get("pct_of_ort_float32_peak_p50"), ".0f")])
-    headers = ["model", "threads", "stage", "p50 ms", "p95 ms", "min ms", "cpu/wall", "rq-wait p50 ms",
+    headers = ["model", "threads", "stage", "p50 ms", "p95 ms", "min ms", "cpu/wall", "run-queue wait p50 ms (all threads)",
                "GFLOP/s p50", "% ORT fp32 peak"]
     return headers, rows
 
@@ -170,6 +190,10 @@ def format_report(report, markdown=False):
     models = report["models"]
     sections = [
         ("Models: size, FLOPs (MAC = multiply-accumulate, FLOP = 2 MAC), cold start", _model_rows(models)),
+        ("FLOPs by kind: MACs of Conv, ConvTranspose, MatMul, Gemm (and their integer forms) from shapes "
+         "ORT recorded in one unoptimised run; batched MatMul = activation x activation (attention "
+         "scores/values, mask hypernetwork); bias adds, norms, softmax, GELU, resizes not counted",
+         _flops_rows(models)),
         ("Warm latency (p50/p95/min over timed runs; cpu/wall ~ threads when uncontended)", _latency_rows(models)),
         ("Cold: session creation and first call after it (in this process)", _cold_rows(models)),
         ("Fresh process: time from start to first mask", _process_rows(models)),
