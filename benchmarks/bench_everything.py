@@ -197,6 +197,7 @@ def rss_image():
 RSS_CONFIGS = {
     # SAM's defaults: with random weights almost nothing passes, so this is the decode-only floor.
     "ours 32x32 defaults": dict(points_per_side=32),
+    "ours 32x32 defaults, points_per_batch=64": dict(points_per_side=32, points_per_batch=64),
     # Every mask of every prompt is upsampled to 1024 x 1024 (IoU filter off, no low-res prefilter)
     # and then rejected on its exact stability: the worst case of the bounded upsampling path.
     "ours 32x32 upsample every mask": dict(points_per_side=32, pred_iou_thresh=0.0, stability_prefilter_margin=1.0),
@@ -217,6 +218,12 @@ def rss_child(name, model_dir, threads):
         generator.predictor.set_image(image)
         before = sysinfo.current_rss_bytes(), sysinfo.peak_rss_bytes()
         generator.generate(image)
+    elif name.startswith("decoder-"):  # one predict_batch call of B prompts
+        predictor = TinySAMPredictor(model_dir=model_dir, threads=threads)
+        embedding = predictor.embed(image)
+        batch = int(name.split("-")[1])
+        before = sysinfo.current_rss_bytes(), sysinfo.peak_rss_bytes()
+        predictor.predict_batch(*_grid_prompts(image.shape[:2], batch), embedding=embedding)
     else:
         predictor = TinySAMPredictor(model_dir=model_dir, threads=threads)
         predictor.embed(image)
@@ -227,14 +234,15 @@ def rss_child(name, model_dir, threads):
 
 
 def bench_rss(model_dir, threads, with_torch):
-    names = list(RSS_CONFIGS) + (["sam"] if with_torch else [])
+    names = [f"decoder-{b}" for b in (1, 8, 16, 32, 64)] + list(RSS_CONFIGS) + (["sam"] if with_torch else [])
     out = {}
     for name in names:
         proc = subprocess.run([sys.executable, __file__, "--rss-child", name, "--model", str(model_dir),
                                "--threads", str(threads)], capture_output=True, text=True)
         if proc.returncode != 0:
             raise SystemExit(f"rss child {name!r} failed:\n{proc.stderr}")
-        out["eager SAM, 8x8 (one 64-prompt batch)" if name == "sam" else name] = json.loads(proc.stdout.splitlines()[-1])
+        label = {"sam": "eager SAM, 8x8 (one 64-prompt batch)"}.get(name, name.replace("decoder-", "one predict_batch, B="))
+        out[label] = json.loads(proc.stdout.splitlines()[-1])
     return out
 
 
