@@ -96,6 +96,14 @@ def torch_summary(report):
     return "\n".join(lines)
 
 
+def _int8_note(models):
+    """A line saying so when no quantized model took part in the run."""
+    if any("int8" in m["label"].lower() for m in models):
+        return ""
+    return ("\n- ORT INT8: not in this run (no INT8 model directory was given; `tinysam quantize` "
+            "makes one, then rerun with a second --model).")
+
+
 def _machine_line(system, load_start, load_end):
     isa = ", ".join(k for k, v in system["isa_summary"].items() if v) or "none"
     return (f"Machine: {system['cpu_model']} ({system['machine']}), {system['usable_cores']} usable cores; "
@@ -134,7 +142,7 @@ def main(argv=None):
         f"Command (repo commit {commit}, {report['started_at']}):\n\n    {' '.join(bench_cmd)}",
         _machine_line(report["system"], report["system"]["load_average"], report["load_average_end"]),
         CONTENTION_NOTE,
-        bench_summary(report),
+        bench_summary(report) + _int8_note(report["models"]),
         tables,
         "Raw numbers: `benchmarks/results/bench.json`. Regenerate both sections with "
         f"`python benchmarks/update_results.py {' '.join(argv if argv is not None else sys.argv[1:])}`.",
@@ -156,7 +164,7 @@ def main(argv=None):
             "Same weights (the manifest's seed/checkpoint rebuilt with `build_tinysam`), same image, same "
             "preprocessed tensor; the backends take turns within every timed run. Eager torch uses "
             "`SamPredictor` for end_to_end. " + CONTENTION_NOTE,
-            torch_summary(report),
+            torch_summary(report) + _int8_note([{"label": k} for k in report["stages"]]),
             tables,
             "Raw numbers: `benchmarks/results/compare_torch.json`.",
         ])

@@ -136,7 +136,7 @@ def test_json_has_every_field(bench_report_json, fp32_model_dir):
     (entry,) = model["threads"]
     assert entry["threads"] == 1
     assert set(entry["cold"]) == {"encoder_session_s", "encoder_first_call_s", "decoder_session_s", "decoder_first_call_s"}
-    assert set(entry["stages"]) == set(bench_report._COMPARED_STAGES)
+    assert set(entry["stages"]) == set(bench_report.STAGES)
     for stage in entry["stages"].values():
         assert STAGE_FIELDS <= set(stage)
         assert stage["runs"] == 2
@@ -190,7 +190,7 @@ def test_side_by_side_ratios(bench_report_json):
         stage["min_s"] /= 2
     rows = bench_report.comparisons([base, other])
     timed = [r for r in rows if "threads" in r]
-    assert {r["stage"] for r in timed} == set(bench_report._COMPARED_STAGES)
+    assert {r["stage"] for r in timed} == set(bench_report.STAGES)
     assert all(r["p50_ratio"] == pytest.approx(0.25) and r["min_ratio"] == pytest.approx(0.5) for r in timed)
     size = next(r for r in rows if r["stage"] == "size")
     assert size["ratio"] == pytest.approx(0.5, rel=1e-6)

@@ -4,7 +4,8 @@ Pure functions over the JSON-ready report; the numbers shown are exactly those i
 """
 
 MIB = 1024 * 1024
-_COMPARED_STAGES = ("preprocess", "encoder", "decoder_1", "decoder_batch", "postprocess", "end_to_end")
+# The timed stages, in pipeline order (keys of every thread entry's "stages").
+STAGES = ("preprocess", "encoder", "decoder_1", "decoder_batch", "postprocess", "end_to_end")
 
 
 def comparisons(models):
@@ -27,7 +28,7 @@ def comparisons(models):
             ref = base_threads.get(entry["threads"])
             if ref is None:
                 continue
-            for stage in _COMPARED_STAGES:
+            for stage in STAGES:
                 a, b = ref["stages"][stage], entry["stages"][stage]
                 rows.append({"model": other["label"], "baseline": base["label"], "threads": entry["threads"],
                              "stage": stage, "p50_ratio": b["p50_s"] / a["p50_s"], "min_ratio": b["min_s"] / a["min_s"]})
@@ -49,7 +50,7 @@ def thread_scaling(model):
         return {}
     first = entries[0]["stages"]
     return {stage: {str(e["threads"]): first[stage]["p50_s"] / e["stages"][stage]["p50_s"] for e in entries}
-            for stage in _COMPARED_STAGES}
+            for stage in STAGES}
 
 
 def _ms(seconds):

@@ -22,9 +22,8 @@ from tinysam_rt.manifest import load_manifest
 from tinysam_rt.predictor import TinySAMPredictor
 from tinysam_rt.sessions import DecoderSession, EncoderSession
 
-STAGES = ("preprocess", "encoder", "decoder_1", "decoder_batch", "postprocess", "end_to_end")
-# TinySAM (Shu et al. 2023, Table 1) reports "42.0 GFLOPs" for vit_t; the number counts
-# multiply-accumulates (fvcore's convention), so it compares with our MACs, not our FLOPs.
+# TinySAM (Shu et al. 2023, arXiv:2312.13789) reports "42.0 GFLOPs" for its vit_t model; the number
+# counts multiply-accumulates (fvcore's convention), so it compares with our MACs, not our FLOPs.
 PUBLISHED_GMACS = 42.0
 
 
