@@ -9,6 +9,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -102,6 +103,16 @@ def test_default_threads_sweep_powers_of_two_up_to_the_cores():
     assert threads[0] == 1 and threads == sorted(set(threads))
 
 
+def test_budget_stops_early_but_not_below_three_runs():
+    from tinysam_rt import bench_run
+
+    calls = []
+    stats = bench_run.time_stage(lambda: (calls.append(1), time.sleep(0.02)), runs=50, warmup=2, budget_s=0.001)
+    assert stats["runs"] == bench_run.MIN_RUNS_IN_BUDGET == 3
+    assert len(calls) == 2 + 3
+    assert bench_run.time_stage(lambda: None, runs=7, warmup=0, budget_s=100)["runs"] == 7
+
+
 @pytest.fixture(scope="module")
 def bench_report_json(fp32_model_dir, tmp_path_factory):
     """One real tinysam-bench run on the test model, as small as the flags allow."""
@@ -119,7 +130,7 @@ def bench_report_json(fp32_model_dir, tmp_path_factory):
 def test_json_has_every_field(bench_report_json, fp32_model_dir):
     report, _ = bench_report_json
     assert report["schema"] == bench.SCHEMA
-    assert report["settings"] == {"runs": 2, "warmup": 0, "threads": [1], "batch": 2, "gemm_n": 64}
+    assert report["settings"] == {"runs": 2, "warmup": 0, "threads": [1], "batch": 2, "budget_s": None, "gemm_n": 64}
     system = report["system"]
     for key in ("cpu_model", "logical_cores", "usable_cores", "isa", "isa_summary", "onnxruntime", "numpy", "load_average"):
         assert key in system
@@ -173,7 +184,7 @@ def test_terminal_and_markdown_tables_show_the_json_numbers(bench_report_json):
     stage = report["models"][0]["threads"][0]["stages"]["encoder"]
     assert f"{stage['p50_s'] * 1e3:.1f}" in stdout
     markdown = bench_report.format_report(report, markdown=True)
-    assert "| model | threads | stage | p50 ms |" in markdown
+    assert "| model | threads | stage | runs | p50 ms |" in markdown
     for name in ("preprocess", "encoder", "decoder_1", "decoder B=2", "postprocess", "end_to_end"):
         assert f"| {name} |" in markdown
 

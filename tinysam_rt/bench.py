@@ -101,6 +101,9 @@ def build_parser():
                         help="untimed runs per stage before timing")
     parser.add_argument("--batch", type=lambda t: _int(t, 1), default=64,
                         help="prompts per decoder call in the batched decoder stage")
+    parser.add_argument("--budget", metavar="SECONDS", type=lambda t: _int(t, 1), default=None,
+                        help="stop a stage's timed runs after this many seconds (but never below 3 runs); "
+                             "for slow boards, where 20 runs of a 64-prompt decoder take minutes")
     parser.add_argument("--image", metavar="PATH", default=None,
                         help="image to benchmark on (default: a generated 1280x960 scene)")
     parser.add_argument("--json", metavar="PATH", default=None, help="also write the report as JSON here")
@@ -170,7 +173,7 @@ def run(args, dirs, image, progress, command):
         "command": ["tinysam-bench", *command],
         "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "settings": {"runs": args.runs, "warmup": args.warmup, "threads": threads, "batch": args.batch,
-                     "gemm_n": args.gemm_n},
+                     "budget_s": args.budget, "gemm_n": args.gemm_n},
         "system": sysinfo.system_info(),
     }
     image = bench_run.synthetic_image() if image is None else image
@@ -192,7 +195,7 @@ def run(args, dirs, image, progress, command):
                 model["cold_start"] = bench_run.cold_start(manifest.model_dir, image_path, max(threads))
             for t in threads:
                 progress(f"{label}: {t} thread(s), {args.warmup} warm-up + {args.runs} timed runs per stage")
-                entry = bench_run.measure_threads(manifest, image, t, args.runs, args.warmup, args.batch)
+                entry = bench_run.measure_threads(manifest, image, t, args.runs, args.warmup, args.batch, args.budget)
                 entry["achieved"] = (bench_run.achieved(entry["stages"], model["flops"], report["machine_limits"], t)
                                      if model["flops"] else None)
                 model["threads"].append(entry)

@@ -82,7 +82,9 @@ def _header_lines(report):
         f"at end {report.get('load_average_end')}",
         f"image: {report['image']['source']} {report['image']['width']}x{report['image']['height']}; "
         f"{report['settings']['runs']} timed runs after {report['settings']['warmup']} warm-up; "
-        f"decoder batch {report['settings']['batch']}",
+        f"decoder batch {report['settings']['batch']}"
+        + (f"; a stage stops after {report['settings']['budget_s']} s (min 3 runs)"
+           if report["settings"].get("budget_s") else ""),
     ]
     limits = report.get("machine_limits")
     if limits:
@@ -138,10 +140,10 @@ def _latency_rows(models):
             for stage, s in entry["stages"].items():
                 ach = (entry.get("achieved") or {}).get(stage, {})
                 name = f"decoder B={s['batch']}" if stage == "decoder_batch" else stage
-                rows.append([m["label"], str(entry["threads"]), name, _ms(s["p50_s"]), _ms(s["p95_s"]), _ms(s["min_s"]),
+                rows.append([m["label"], str(entry["threads"]), name, str(s["runs"]), _ms(s["p50_s"]), _ms(s["p95_s"]), _ms(s["min_s"]),
                              _num(s["cpu_per_wall"], ".2f"), _ms(s["runqueue_wait_p50_s"]),
                              _num(ach.get("gflops_per_s_p50"), ".1f"), _num(ach.get("pct_of_ort_float32_peak_p50"), ".0f")])
-    headers = ["model", "threads", "stage", "p50 ms", "p95 ms", "min ms", "cpu/wall", "run-queue wait p50 ms (all threads)",
+    headers = ["model", "threads", "stage", "runs", "p50 ms", "p95 ms", "min ms", "cpu/wall", "run-queue wait p50 ms (all threads)",
                "GFLOP/s p50", "% ORT fp32 peak"]
     return headers, rows
 

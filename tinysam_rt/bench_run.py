@@ -72,11 +72,24 @@ def summarize(samples):
     }
 
 
-def time_stage(fn, runs, warmup):
-    """`warmup` untimed calls, then `runs` timed ones -> `summarize` dict."""
+MIN_RUNS_IN_BUDGET = 3  # a time budget never cuts a stage below this many timed runs
+
+
+def time_stage(fn, runs, warmup, budget_s=None):
+    """`warmup` untimed calls, then `runs` timed ones -> `summarize` dict.
+
+    Args:
+        budget_s: optional seconds after which timing stops early (never below
+            MIN_RUNS_IN_BUDGET runs); the result's "runs" says how many ran.
+    """
     for _ in range(warmup):
         fn()
-    return summarize([time_call(fn)[1] for _ in range(runs)])
+    samples, start = [], time.perf_counter()
+    while len(samples) < runs:
+        samples.append(time_call(fn)[1])
+        if budget_s and len(samples) >= MIN_RUNS_IN_BUDGET and time.perf_counter() - start > budget_s:
+            break
+    return summarize(samples)
 
 
 def model_info(model_dir):
@@ -147,7 +160,7 @@ def machine_limits(threads_list, gemm_n):
     }
 
 
-def measure_threads(manifest, image, threads, runs, warmup, batch):
+def measure_threads(manifest, image, threads, runs, warmup, batch, budget_s=None):
     """Cold and warm timings of every stage at one intra-op thread count."""
     pre = manifest.preprocess
 
@@ -165,13 +178,13 @@ def measure_threads(manifest, image, threads, runs, warmup, batch):
     feeds_b = decoder_feeds(image.shape[:2], pre.image_size, batch)
     (low_res, _), (cold["decoder_first_call_s"], _, _) = time_call(lambda: decoder.run(embeddings, *feeds_1))
     stages = {
-        "preprocess": time_stage(run_preprocess, runs, warmup),
-        "encoder": time_stage(lambda: encoder.run(tensor), runs, warmup),
-        "decoder_1": time_stage(lambda: decoder.run(embeddings, *feeds_1), runs, warmup),
-        "decoder_batch": time_stage(lambda: decoder.run(embeddings, *feeds_b), runs, warmup),
+        "preprocess": time_stage(run_preprocess, runs, warmup, budget_s),
+        "encoder": time_stage(lambda: encoder.run(tensor), runs, warmup, budget_s),
+        "decoder_1": time_stage(lambda: decoder.run(embeddings, *feeds_1), runs, warmup, budget_s),
+        "decoder_batch": time_stage(lambda: decoder.run(embeddings, *feeds_b), runs, warmup, budget_s),
         "postprocess": time_stage(
             lambda: postprocess.upscale_logits(low_res, input_size, image.shape[:2]) > manifest.mask_threshold,
-            runs, warmup),
+            runs, warmup, budget_s),
     }
     stages["decoder_batch"]["batch"] = batch
     del encoder, decoder  # free them before the predictor makes its own pair
@@ -182,7 +195,7 @@ def measure_threads(manifest, image, threads, runs, warmup, batch):
         predictor.set_image(image)
         return predictor.predict(point_coords=center, point_labels=[1])
 
-    stages["end_to_end"] = time_stage(end_to_end, runs, warmup)
+    stages["end_to_end"] = time_stage(end_to_end, runs, warmup, budget_s)
     return {"threads": threads, "cold": cold, "stages": stages}
 
 

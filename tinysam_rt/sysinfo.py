@@ -160,7 +160,7 @@ def runqueue_wait_s():
 def load_average():
     """(1, 5, 15)-minute load averages, or None where unsupported."""
     try:
-        return list(os.getloadavg())
+        return [round(v, 2) for v in os.getloadavg()]
     except (AttributeError, OSError):
         return None
 
