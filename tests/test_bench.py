@@ -218,4 +218,4 @@ def test_report_without_optional_parts_still_renders(bench_report_json):
         for entry in model["threads"]:
             entry["achieved"] = None
     text = bench_report.format_report(bare)
-    assert "encoder" in text and "machine limit" not in text
+    assert "encoder" in text and "machine limit (best" not in text

@@ -144,7 +144,7 @@ def _latency_rows(models):
                              _num(s["cpu_per_wall"], ".2f"), _ms(s["runqueue_wait_p50_s"]),
                              _num(ach.get("gflops_per_s_p50"), ".1f"), _num(ach.get("pct_of_ort_float32_peak_p50"), ".0f")])
     headers = ["model", "threads", "stage", "runs", "p50 ms", "p95 ms", "min ms", "cpu/wall", "run-queue wait p50 ms (all threads)",
-               "GFLOP/s p50", "% ORT fp32 peak"]
+               "GFLOP/s p50", "% of machine limit"]
     return headers, rows
 
 
@@ -197,7 +197,8 @@ def format_report(report, markdown=False):
          "ORT recorded in one unoptimised run; batched MatMul = activation x activation (attention "
          "scores/values, mask hypernetwork); bias adds, norms, softmax, GELU, resizes not counted",
          _flops_rows(models)),
-        ("Warm latency (p50/p95/min over timed runs; cpu/wall ~ threads when uncontended)", _latency_rows(models)),
+        ("Warm latency (p50/p95/min over timed runs; cpu/wall ~ threads when uncontended; % of machine "
+         "limit = GFLOP/s p50 / best ORT float32 MatMul GFLOP/s at the same thread count)", _latency_rows(models)),
         ("Cold: session creation and first call after it (in this process)", _cold_rows(models)),
         ("Fresh process: time from start to first mask", _process_rows(models)),
     ]
