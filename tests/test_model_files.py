@@ -14,8 +14,9 @@ import os
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
+
+onnx = pytest.importorskip("onnx", reason="building foreign ONNX graphs needs onnx (dev extra)")
 from onnx import TensorProto, helper
 
 from tinysam_rt import manifest as mf
