@@ -99,8 +99,6 @@ def test_lower_bound_parses_specifier_sets():
     assert lower_bound(SpecifierSet("<2")) is None
 
 
-@pytest.mark.xfail(strict=True, reason="setup.cfg still says onnxruntime>=1.17; the proposed bound "
-                                       "onnxruntime>=1.19,!=1.21.0 (issue 8 report) makes this pass")
 def test_onnxruntime_requirement_excludes_releases_broken_on_aarch64(runtime_requirements):
     specifier = runtime_requirements["onnxruntime"].specifier
     assert lower_bound(specifier) >= Version(ORT_FIRST_NUMPY2), specifier
