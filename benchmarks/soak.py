@@ -164,6 +164,12 @@ def soak(model_dir, images, predicts, cache_size, threads, revisit_every, seed):
         revisit_misses=[misses_seen, misses_expected], wall_s=time.perf_counter() - started)
 
 
+def _quantiles(sorted_seconds):
+    """p50 / p95 / min of a sorted list of durations."""
+    values = sorted_seconds
+    return {"p50": values[len(values) // 2], "p95": values[int(len(values) * 0.95)], "min": values[0]}
+
+
 def summarise(base, log, warmup, extra, args):
     rss = [row[1] for row in log]
     hwm = [row[2] for row in log]
@@ -188,10 +194,20 @@ def summarise(base, log, warmup, extra, args):
                          "slope_per_100_calls": slope_per_100(hwm, warmup)},
         "fds": {"after_load": base[2], "at_warmup": fds[warmup], "end": fds[-1], "max": max(fds)},
         "threads": {"after_load": base[3], "at_warmup": threads[warmup], "end": threads[-1], "max": max(threads)},
-        "predict_s": {"p50": predict_s[len(predict_s) // 2], "p95": predict_s[int(len(predict_s) * 0.95)]},
-        "set_image_s": {"p50": set_s[len(set_s) // 2], "p95": set_s[int(len(set_s) * 0.95)]},
+        "predict_s": _quantiles(predict_s),
+        "set_image_s": _quantiles(set_s),
         **extra,
     }
+
+
+def sample_columns(log):
+    """The per-call samples as columns (one list per field), rounded for a compact JSON."""
+    names = ("kind", "rss_mib", "peak_rss_mib", "fds", "threads", "cache_len", "seconds")
+    columns = {name: [row[i] for row in log] for i, name in enumerate(names)}
+    for name in ("rss_mib", "peak_rss_mib"):
+        columns[name] = [round(v, 1) for v in columns[name]]
+    columns["seconds"] = [round(v, 4) for v in columns["seconds"]]
+    return columns
 
 
 def batch_probe(model_dir, batch, threads):
@@ -240,7 +256,7 @@ def markdown(result, command):
         f"| {s['calls']} ({s['set_image_distinct']} + {s['revisit_calls']} + {s['predict_calls']}) | {s['cache_size']} / {s['cache_len_max']} "
         f"| {s['encoder_runs']} | {s['revisit_hits'][0]}/{s['revisit_hits'][1]} hit, {s['revisit_misses'][0]}/{s['revisit_misses'][1]} miss | {s['warmup_calls']} |",
         "",
-        "| after warm-up | after load | at warm-up | end | min..max after warm-up | slope per 100 calls |",
+        "| measure | after load | at warm-up | end | min..max after warm-up | slope per 100 calls after warm-up |",
         "|---|---|---|---|---|---|",
         f"| RSS MiB | {s['rss_mib']['after_load']:.0f} | {s['rss_mib']['at_warmup']:.0f} | {s['rss_mib']['end']:.0f} "
         f"| {s['rss_mib']['min_after_warmup']:.0f}..{s['rss_mib']['max_after_warmup']:.0f} | {s['rss_mib']['slope_per_100_calls']:+.2f} MiB |",
@@ -249,8 +265,10 @@ def markdown(result, command):
         f"| open fds | {s['fds']['after_load']} | {s['fds']['at_warmup']} | {s['fds']['end']} | max {s['fds']['max']} | - |",
         f"| threads | {s['threads']['after_load']} | {s['threads']['at_warmup']} | {s['threads']['end']} | max {s['threads']['max']} | - |",
         "",
-        f"predict p50 {s['predict_s']['p50'] * 1000:.0f} ms / p95 {s['predict_s']['p95'] * 1000:.0f} ms; "
-        f"set_image (new image) p50 {s['set_image_s']['p50']:.2f} s / p95 {s['set_image_s']['p95']:.2f} s; wall {s['wall_s']:.0f} s.",
+        f"predict p50 {s['predict_s']['p50'] * 1000:.0f} / p95 {s['predict_s']['p95'] * 1000:.0f} / "
+        f"min {s['predict_s']['min'] * 1000:.0f} ms; set_image (new image, encoder included) p50 "
+        f"{s['set_image_s']['p50']:.2f} / p95 {s['set_image_s']['p95']:.2f} / min {s['set_image_s']['min']:.2f} s; "
+        f"wall {s['wall_s']:.0f} s (timings on a shared, loaded VM: context only, not a benchmark).",
     ]
     if result.get("batch_memory"):
         lines += ["", "| predict_batch B | peak RSS added MiB | per prompt MiB | outputs MiB | seconds |", "|---|---|---|---|---|"]
@@ -271,10 +289,15 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-memory", default="", help="comma-separated B values to probe in fresh processes")
     parser.add_argument("--json", type=Path, default=None, help="write the full result here")
+    parser.add_argument("--report", type=Path, default=None, help="only print the tables of a saved --json result")
     parser.add_argument("--batch-probe", type=int, default=None, help=argparse.SUPPRESS)  # child mode
     args = parser.parse_args(argv)
     if args.batch_probe is not None:
         print(json.dumps(batch_probe(args.model, args.batch_probe, args.threads)))
+        return 0
+    if args.report is not None:
+        result = json.loads(args.report.read_text())
+        print(markdown(result, result["command"]))
         return 0
     load_start = sysinfo.load_average()
     predictor, base, log, warmup, problems, extra = soak(args.model, args.images, args.predicts, args.cache_size,
@@ -285,14 +308,13 @@ def main(argv=None):
     if args.batch_memory:
         result["batch_memory"] = batch_memory(args.model, [int(b) for b in args.batch_memory.split(",")], args.threads)
     result["load_end"] = sysinfo.load_average()
-    result["samples"] = [dict(zip(("kind", "rss_mib", "peak_rss_mib", "fds", "threads", "cache_len", "seconds"), row)) for row in log]
-    command = "python benchmarks/soak.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    result["command"] = "python benchmarks/soak.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    result["samples"] = sample_columns(log)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        from tinysam_rt.io import write_json
+        from tinysam_rt.atomic import atomic_write_text
 
-        write_json(args.json, result)
-    print(markdown(result, command))
+        atomic_write_text(args.json, json.dumps(result, separators=(",", ":")) + "\n")  # compact: 1000s of samples
+    print(markdown(result, result["command"]))
     s = result["soak"]
     leaked = s["fds"]["end"] > s["fds"]["at_warmup"] or s["threads"]["end"] > s["threads"]["at_warmup"]
     if leaked:
