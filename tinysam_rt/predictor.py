@@ -11,9 +11,10 @@ from tinysam_rt.sessions import load_sessions, make_session_options
 
 logger = logging.getLogger(__name__)
 
-# Largest decoder run inside `predict_batch`. The decoder's activations take ~37 MB per prompt
-# (measured; benchmarks/RESULTS.md, "Soak") and ORT's memory arena keeps its peak for the life of
-# the session, so one huge batch would pin gigabytes for good. 64 is SAM's points_per_batch.
+# Largest decoder run inside `predict_batch`. The decoder's activations take ~30 MiB per prompt
+# (64 prompts: +2.1 GiB peak; benchmarks/RESULTS.md, "Soak") and ORT's memory arena keeps its peak
+# for the life of the session, so one huge batch would pin gigabytes for good. 64 is SAM's
+# points_per_batch.
 MAX_DECODER_BATCH = 64
 
 
