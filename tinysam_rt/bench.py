@@ -220,13 +220,22 @@ def main(argv=None):
         if not args.quiet:
             print(f"[tinysam-bench] {message}", file=sys.stderr, flush=True)
 
+    from tinysam_rt import preprocess
     from tinysam_rt.errors import ModelFileError
     from tinysam_rt.io import load_image
+    from tinysam_rt.manifest import ENCODER_INPUTS
 
     try:
         image = load_image(args.image) if args.image else None
-    except ValueError as exc:  # not a readable image
+    except ValueError as exc:  # not a readable image; the message starts with the path
         print(f"tinysam-bench: error: --image {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        if image is not None:  # refuse now what set_image would refuse mid-run
+            preprocess.check_image(image)
+            preprocess.preprocess_shape(*image.shape[:2], ENCODER_INPUTS[0][1][-1])
+    except ValueError as exc:
+        print(f"tinysam-bench: error: --image {args.image}: {exc}", file=sys.stderr)
         return EXIT_USAGE
     try:
         report = run(args, dirs, image, progress, sys.argv[1:] if argv is None else list(argv))
