@@ -79,14 +79,16 @@ def test_missing_image_and_json_directory(fp32_model_dir, tmp_path, capsys):
 
 @pytest.mark.torch  # the test model is exported with torch
 @pytest.mark.parametrize("shape, message", [((1, 1, 3), "image must be at least 2x2 pixels, got 1x1"),
-                                            ((2, 3000, 3), "too elongated")])
+                                            ((2, 6000, 3), "too elongated")])
 def test_image_the_predictor_would_refuse_is_refused_up_front(fp32_model_dir, tmp_path, capsys, shape, message):
     import cv2
     import numpy as np
 
     path = tmp_path / "odd.png"
     cv2.imwrite(str(path), np.full(shape, 128, np.uint8))
-    code, out, err = _main(["--model", str(fp32_model_dir), "--image", str(path), "--quiet"], capsys)
+    # the measuring flags are minimal so that a regression fails fast instead of benchmarking
+    code, out, err = _main(["--model", str(fp32_model_dir), "--image", str(path), "--runs", "1", "--warmup", "0",
+                            "--threads", "1", "--no-flops", "--no-cold-start", "--no-peak", "--quiet"], capsys)
     assert (code, out) == (2, "")
     assert err.startswith(f"tinysam-bench: error: --image {path}: ") and message in err
     assert err.count("\n") == 1
