@@ -79,6 +79,11 @@ def test_profile_lists_nodes_in_order_with_weight_shapes(tmp_path):
     # QLinearConv: weight is input 3 (x, x_scale, x_zp, w, ...)
     (NodeShapes("q", "QLinearConv", ((1, 3, 8, 8), (), (), (4, 3, 1, 1), (), (), (), ()), ((1, 4, 8, 8),)), (4 * 64 * 3, "conv")),
     (NodeShapes("i", "MatMulInteger", ((10, 20), (20, 30)), ((10, 30),)), (10 * 30 * 20, "matmul_weight")),
+    # ORT's fused/quantized forms that saved (optimised or quantized) graphs may contain
+    (NodeShapes("f", "FusedMatMul", ((2, 8, 32, 49), (2, 8, 32, 49)), ((2, 8, 49, 49),)), (2 * 8 * 49 * 49 * 32, "matmul_batched")),
+    (NodeShapes("f2", "FusedMatMul", ((2, 49, 32), (2, 49, 32)), ((2, 49, 49),)), (2 * 49 * 49 * 32, "matmul_batched")),
+    (NodeShapes("qg", "QGemm", ((16, 64), (), (), (32, 64), (), ()), ((16, 32),)), (16 * 32 * 64, "gemm")),
+    (NodeShapes("mf", "MatMulIntegerToFloat", ((1, 49, 64), (64, 128), (), ()), ((1, 49, 128),)), (49 * 128 * 64, "matmul_weight")),
     (NodeShapes("s", "Softmax", ((2, 49, 49),), ((2, 49, 49),)), (0, None)),
 ])
 def test_node_macs_closed_forms(node, expected):

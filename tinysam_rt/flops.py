@@ -2,10 +2,12 @@
 
 What is counted, per node (bias adds, activations, norms, softmax, resizes are not):
 
-    Conv, ConvInteger, QLinearConv   MACs = prod(Y) * prod(W.shape[1:])   (W: M, C/group, k...)
+    Conv, ConvInteger, QLinearConv,
+    FusedConv                        MACs = prod(Y) * prod(W.shape[1:])   (W: M, C/group, k...)
     ConvTranspose                    MACs = prod(X) * prod(W.shape[1:])   (W: C, M/group, k...)
-    MatMul, MatMulInteger,
-    QLinearMatMul, Gemm              MACs = prod(Y) * K                   (K: A's reduced axis)
+    MatMul, MatMulInteger, QLinearMatMul, MatMulIntegerToFloat,
+    DynamicQuantizeMatMul, FusedMatMul,
+    Gemm, FusedGemm, QGemm           MACs = prod(Y) * K                   (K: A's reduced axis)
 
 FLOPs = 2 * MACs. Papers on SAM-family models (TinySAM's "42.0 GFLOPs", fvcore's counter) report
 MACs under the name FLOPs; we report both and name each. MatMuls whose second operand has rank 2
@@ -27,13 +29,17 @@ import os
 import tempfile
 from dataclasses import dataclass
 
-# op type -> index of the input whose shape gives the work per output element
-_CONV_WEIGHT = {"Conv": 1, "ConvInteger": 1, "QLinearConv": 3}
-_MATMUL_A = {"MatMul": 0, "MatMulInteger": 0, "QLinearMatMul": 0, "Gemm": 0}
-_MATMUL_B = {"MatMul": 1, "MatMulInteger": 1, "QLinearMatMul": 3, "Gemm": 1}
-COUNTED_OPS = tuple(sorted({*_CONV_WEIGHT, *_MATMUL_A, "ConvTranspose"}))
+# Conv family: op -> index of the weight input (M, C/group, k...).
+_CONV_WEIGHT = {"Conv": 1, "ConvInteger": 1, "QLinearConv": 3, "FusedConv": 1}
+# Gemm family (2-D): op -> index of A, which is (M, K) or, with transA, (K, M).
+_GEMM_A = {"Gemm": 0, "FusedGemm": 0, "QGemm": 0}
+# MatMul family: op -> (index of A (..., M, K), index of B (..., K, N)). The com.microsoft ops
+# are what ORT's fusions and quantizers leave in saved graphs.
+_MATMUL = {"MatMul": (0, 1), "MatMulInteger": (0, 1), "QLinearMatMul": (0, 3), "MatMulIntegerToFloat": (0, 1),
+           "DynamicQuantizeMatMul": (0, 1), "FusedMatMul": (0, 1)}
+COUNTED_OPS = tuple(sorted({*_CONV_WEIGHT, *_GEMM_A, *_MATMUL, "ConvTranspose"}))
 # Ops that do multiply-adds at scale but whose count needs attributes we do not read.
-_UNCOUNTABLE_HEAVY = ("Einsum", "Attention", "MultiHeadAttention", "FusedConv", "FusedMatMul", "FusedGemm")
+_UNCOUNTABLE_HEAVY = ("Einsum", "Attention", "MultiHeadAttention", "QAttention", "ConvTransposeWithDynamicPads")
 
 
 @dataclass(frozen=True)
@@ -76,13 +82,18 @@ def node_macs(node):
         x = _shape(node.input_shapes, 0, node, "input")  # (N, C, spatial...)
         weight = _shape(node.input_shapes, 1, node, "weight")  # (C, M/group, k...)
         return math.prod(x) * math.prod(weight[1:]), "conv_transpose"
-    a = _shape(node.input_shapes, _MATMUL_A[op], node, "A")
-    if op == "Gemm":
+    if op in _GEMM_A:
+        a = _shape(node.input_shapes, _GEMM_A[op], node, "A")
         # Y is (M, N); A is (M, K) or (K, M) with transA, so K = size(A) / M either way.
         return math.prod(out) * (math.prod(a) // out[0]), "gemm"
-    b = _shape(node.input_shapes, _MATMUL_B[op], node, "B") if len(node.input_shapes) > _MATMUL_B[op] else None
+    a_index, b_index = _MATMUL[op]
+    a = _shape(node.input_shapes, a_index, node, "A")
+    k = a[-1]
+    if op == "FusedMatMul" and len(a) >= 2 and a[-2] != out[-2]:
+        k = a[-2]  # transA: A is (..., K, M); when K == M either axis is right
+    b = node.input_shapes[b_index] if len(node.input_shapes) > b_index else None
     kind = "matmul_weight" if b is not None and len(b) == 2 else "matmul_batched"
-    return math.prod(out) * a[-1], kind
+    return math.prod(out) * k, kind
 
 
 def count_macs(nodes):
