@@ -8,7 +8,7 @@ EXIF-rotated JPEG, grayscale and RGBA files) must work and give the canonical in
 Model-file problems live in tests/test_model_files.py; interrupted writes in tests/test_atomic.py.
 Cases already in tests/test_prompts.py, test_preprocess.py, test_cli.py and test_everything.py
 (each at its own module's level) are repeated here only where they go through a different entry
-point.
+point; `tinysam-bench`'s bad flags and images are in tests/test_bench.py.
 """
 
 import json
@@ -609,19 +609,3 @@ def test_cli_debug_shows_the_traceback(fp32_model_dir, files, tmp_path, command)
     assert result.returncode != 0
     assert "Traceback (most recent call last)" in result.stderr
     assert "ValueError" in result.stderr and "not a readable image" in result.stderr
-
-
-# --- tinysam-bench (its flag errors are in tests/test_bench.py) ------------------------------------
-
-
-@pytest.mark.xfail(strict=True, reason="tinysam-bench checks only that --image decodes; an image set_image refuses "
-                                        "fails mid-run with a traceback (fix proposed in the hardening report)")
-@pytest.mark.parametrize("name, message", [("tiny", "at least 2x2"), ("sliver", "too elongated")])
-def test_bench_image_that_decodes_but_cannot_be_used(capsys, fp32_model_dir, files, name, message):
-    from tinysam_rt import bench
-
-    code = bench.main(["--model", str(fp32_model_dir), "--image", str(files[name]), "--runs", "1", "--warmup", "0",
-                       "--threads", "1", "--no-flops", "--no-cold-start", "--no-peak", "--quiet"])
-    err = capsys.readouterr().err
-    assert code == 2
-    _one_line(err, f"^tinysam-bench: error: --image .*{message}")
