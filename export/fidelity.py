@@ -1,0 +1,180 @@
+"""How close a quantized model is to FP32: metrics, held-out evaluation, the gate, the report.
+
+The metrics are what a user of the runtime sees: the image embedding (cosine), the mask SAM's
+`multimask_output=False` would return (highest predicted IoU of the 3; "selected" by each model
+itself, so a changed choice counts as a miss) upscaled to the resized image, and its score.
+"""
+
+import numpy as np
+
+from tinysam_export import calibration
+from tinysam_rt import postprocess
+
+
+def cosine(a, b):
+    """Cosine similarity of two arrays of any equal shape, flattened (1.0 for two zero arrays)."""
+    a, b = np.ravel(a).astype(np.float64), np.ravel(b).astype(np.float64)
+    norm = np.linalg.norm(a) * np.linalg.norm(b)
+    return 1.0 if norm == 0 else float(a @ b / norm)
+
+
+def mask_iou(a, b):
+    """IoU of boolean masks.
+
+    Args:
+        a, b: (B, H, W) bool.
+
+    Returns:
+        (B,) float64; 1.0 where both masks are empty.
+    """
+    inter = np.logical_and(a, b).sum(axis=(1, 2))
+    union = np.logical_or(a, b).sum(axis=(1, 2))
+    return np.where(union == 0, 1.0, inter / np.maximum(union, 1))
+
+
+def select_best(low_res, iou):
+    """SAM's multimask_output=False choice: the mask with the highest predicted IoU.
+
+    Args:
+        low_res: (B, 3, 256, 256) float32 logits; iou: (B, 3) float32.
+
+    Returns:
+        logits (B, 256, 256) float32, scores (B,) float32.
+    """
+    best = np.argmax(iou, axis=1)  # (B,)
+    rows = np.arange(len(best))
+    return low_res[rows, best], iou[rows, best]
+
+
+def budget_used(losses, budgets):
+    """Largest fraction of an error budget used; <= 1 means every target is met.
+
+    Args:
+        losses, budgets: dicts metric -> 1 - value, and metric -> allowed 1 - value (> 0).
+    """
+    return max(losses[k] / budgets[k] if budgets[k] > 0 else (0.0 if losses[k] <= 0 else float("inf"))
+               for k in budgets)
+
+
+def refine_input(decoder, embeddings, coords, labels):
+    """The runtime's iterative refinement: a first pass's best low-res mask as mask_input.
+
+    Returns:
+        (B, 1, 256, 256) float32 logits.
+    """
+    low_res, iou = decoder.run(**calibration.decoder_feeds(embeddings, coords, labels))
+    return select_best(low_res, iou)[0][:, None]
+
+
+def pipeline_outputs(encoder, decoder, tensor, input_size, batches):
+    """One image through an (encoder, decoder) pair, as the runtime runs it.
+
+    Args:
+        encoder, decoder: tinysam_rt sessions.
+        tensor: (1, 3, 1024, 1024) float32 encoder input; input_size: (h, w).
+        batches: from calibration.sample_prompts.
+
+    Returns:
+        embeddings (1, 256, 64, 64), masks (P, h, w) bool selected masks, scores (P,) float32.
+    """
+    embeddings = encoder.run(tensor)
+    masks, scores = [], []
+    for kind, coords, labels in batches:
+        mask_input = refine_input(decoder, embeddings, coords, labels) if kind == "refine" else None
+        low_res, iou = decoder.run(**calibration.decoder_feeds(embeddings, coords, labels, mask_input))
+        best, score = select_best(low_res, iou)  # (B, 256, 256), (B,)
+        masks.append(postprocess.upscale_logits(best[:, None], input_size, input_size)[:, 0] > 0.0)
+        scores.append(score)
+    return embeddings, np.concatenate(masks), np.concatenate(scores)
+
+
+def evaluate(pipelines, images, pre, sampling, seed):
+    """Fidelity of each pipeline against the "fp32" one, on the same images and prompts.
+
+    Args:
+        pipelines: dict name -> (EncoderSession, DecoderSession); must contain "fp32".
+        images: list of (name, (H, W, 3) uint8 RGB).
+        pre: tinysam_rt.manifest.Preprocess of the model.
+        sampling: calibration.PromptSampling; seed: int (prompts differ from calibration's).
+
+    Returns:
+        dict name -> metrics: embedding cosine mean/min, selected-mask IoU mean/worst,
+        |score difference| mean/max, prompt and image counts.
+    """
+    acc = {name: {"cos": [], "iou": [], "dscore": []} for name in pipelines if name != "fp32"}
+    for index, (_, image) in enumerate(images):
+        tensor, input_size = calibration.encoder_input(image, pre)
+        batches = calibration.sample_prompts(input_size, np.random.default_rng(seed + index), sampling)
+        ref_emb, ref_masks, ref_scores = pipeline_outputs(*pipelines["fp32"], tensor, input_size, batches)
+        for name, values in acc.items():
+            emb, masks, scores = pipeline_outputs(*pipelines[name], tensor, input_size, batches)
+            values["cos"].append(cosine(emb, ref_emb))
+            values["iou"].extend(mask_iou(masks, ref_masks).tolist())
+            values["dscore"].extend(np.abs(scores - ref_scores).tolist())
+    return {
+        name: {
+            "embedding_cosine_mean": round(float(np.mean(v["cos"])), 6),
+            "embedding_cosine_min": round(float(np.min(v["cos"])), 6),
+            "mask_iou_mean": round(float(np.mean(v["iou"])), 5),
+            "mask_iou_worst": round(float(np.min(v["iou"])), 5),
+            "score_abs_diff_mean": round(float(np.mean(v["dscore"])), 5),
+            "score_abs_diff_max": round(float(np.max(v["dscore"])), 5),
+            "prompts": len(v["iou"]),
+            "images": len(v["cos"]),
+        }
+        for name, v in acc.items()
+    }
+
+
+def gate_failures(fidelity, encoder_ratio, min_cosine, min_mask_iou, max_size_ratio):
+    """Reasons the "static" model fails the accuracy/size gate (empty: it passes).
+
+    Args:
+        fidelity: from `evaluate`, with "static" and optionally "dynamic".
+        encoder_ratio: INT8 / FP32 encoder bytes, or None when the encoder was not quantized.
+    """
+    static, dynamic = fidelity["static"], fidelity.get("dynamic")
+    failures = []
+    if static["embedding_cosine_min"] < min_cosine:
+        failures.append(f"embedding cosine {static['embedding_cosine_min']:.5f} < {min_cosine}")
+    if static["mask_iou_mean"] < min_mask_iou:
+        failures.append(f"mean selected-mask IoU {static['mask_iou_mean']:.4f} < {min_mask_iou}")
+    if dynamic is not None:
+        for key in ("embedding_cosine_mean", "mask_iou_mean"):
+            if static[key] < dynamic[key]:
+                failures.append(f"static {key} {static[key]} is further from FP32 than quantize_dynamic's {dynamic[key]}")
+    if encoder_ratio is not None and encoder_ratio > max_size_ratio:
+        failures.append(f"INT8 encoder is {encoder_ratio:.1%} of FP32 (> {max_size_ratio:.0%})")
+    return failures
+
+
+def report_markdown(report):
+    """The fidelity and size tables of a `tinysam quantize` report, as markdown."""
+    gate = report["gate"]
+    lines = [
+        f"# tinysam quantize: {report['model']} ({report['weights_id']})",
+        "",
+        f"Held out of calibration: {', '.join(report['held_out'])}; "
+        f"{report['fidelity']['static']['prompts']} prompts. Gate {'passed' if gate['passed'] else 'FAILED'}"
+        f"{'' if gate['enforced'] else ' (not enforced: --no-gate)'}: embedding cosine >= {gate['min_cosine']}, "
+        f"mean selected-mask IoU >= {gate['min_mask_iou']}, static at least as close as dynamic, "
+        f"INT8 encoder <= {gate['max_size_ratio']:.0%} of FP32.",
+        "",
+        "| vs FP32 | cosine mean | cosine min | mask IoU mean | mask IoU worst | abs d-score mean | abs d-score max |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, m in report["fidelity"].items():
+        lines.append(f"| {name} | {m['embedding_cosine_mean']:.5f} | {m['embedding_cosine_min']:.5f} | "
+                     f"{m['mask_iou_mean']:.4f} | {m['mask_iou_worst']:.4f} | {m['score_abs_diff_mean']:.4f} | "
+                     f"{m['score_abs_diff_max']:.4f} |")
+    lines += ["", "| graph | precision | FP32 MB | static MB | ratio | dynamic MB | method | nodes kept float |",
+              "|---|---|---|---|---|---|---|---|"]
+    for role, size in report["sizes"].items():
+        recipe = report["graphs"].get(role, {})
+        dynamic = "-" if size["dynamic_bytes"] is None else f"{size['dynamic_bytes'] / 1e6:.2f}"
+        lines.append(f"| {role} | {size['precision']} | {size['fp32_bytes'] / 1e6:.2f} | {size['bytes'] / 1e6:.2f} | "
+                     f"{size['ratio']:.1%} | {dynamic} | {recipe.get('method', '-')} | "
+                     f"{len(recipe.get('excluded_nodes', []))} |")
+    if gate["failures"]:
+        lines += ["", "Gate failures: " + "; ".join(gate["failures"])]
+    return "\n".join(lines) + "\n"

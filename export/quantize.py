@@ -1,0 +1,530 @@
+"""INT8 quantization of a tinysam-rt model: calibrated static QDQ, an accuracy gate, a recipe.
+
+    tinysam quantize --model models/vit_t --calib ../shared/images --out models/vit_t-int8
+
+Recipe (every choice measured; numbers and the commands in benchmarks/RESULTS.md):
+1. Prepare each FP32 graph with ONNX Runtime's own extended-level fusions (MatMul+Add -> Gemm,
+   Gelu, LayerNormalization) *before* inserting Q/DQ, so the quantized graph keeps fused float
+   GELU/LayerNorm between integer GEMMs; then `quant_pre_process` for symbolic shape inference
+   only. Its default optimisation pass also constant-folds TinyViT's attention-bias gathers into
+   4.9 MB of float tables (the INT8 encoder would miss the 35 % size target), so lookup tables
+   feeding a Gather are kept unfolded.
+2. Static QDQ, U8 activations / S8 per-channel weights, `reduce_range` (7-bit weights) so u8 x s8
+   products cannot saturate the 16-bit pairwise sums of AVX2's VPMADDUBSW on CPUs without VNNI.
+   Only Gemm/MatMul/Conv are quantized (ORT fuses them into QGemm / MatMulIntegerToFloat /
+   QLinearConv); Gemm/MatMul outputs stay float, which avoids a Q/DQ pair per linear layer.
+3. Calibration method (MinMax / Entropy / Percentile) picked by measured fidelity on the
+   calibration images; then, if fidelity is short of the target, per-node sensitivity (each
+   node quantized alone) and the most sensitive nodes are kept in float until it holds.
+4. Accuracy gate on held-out photos + synthetic images against FP32, beside a
+   `quantize_dynamic` baseline; output written only if the gate holds (atomic directory).
+
+No torch: onnx, onnxruntime(.quantization), numpy and tinysam_rt only.
+"""
+
+import contextlib
+import copy
+import dataclasses
+import json
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from io import StringIO
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
+from onnxruntime.quantization.shape_inference import quant_pre_process
+
+from tinysam_export import calibration, fidelity
+from tinysam_rt import io, manifest as manifest_mod, preprocess
+from tinysam_rt.atomic import atomic_directory, atomic_write_text
+from tinysam_rt.predictor import TinySAMPredictor
+from tinysam_rt.sessions import DecoderSession, EncoderSession
+
+logger = logging.getLogger(__name__)
+
+PRECISION = "int8-static-qdq"
+METHODS = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+           "percentile": CalibrationMethod.Percentile}
+# Ops whose ORT integer kernels beat float on the encoder here; decoder: the transformer's
+# projections/MLPs (its final ConvTranspose upscaling stays float).
+OP_TYPES = {"encoder": ("Gemm", "MatMul", "Conv"), "decoder": ("Gemm", "MatMul")}
+FLOAT_OUTPUT_OPS = ("Gemm", "MatMul")  # -> QGemm / MatMulIntegerToFloat with float outputs
+INT8_FILES = {"encoder": "encoder.int8.onnx", "decoder": "decoder.int8.onnx"}
+REPORT_FILES = ("quantization_report.json", "quantization_report.md")
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """Settings of `quantize_model`; the defaults are the recipe `tinysam quantize` runs."""
+
+    method: str = "auto"  # "auto" (measure all three) | "minmax" | "entropy" | "percentile"
+    only: str = None  # None (both graphs) | "encoder" | "decoder": the other is copied as is
+    min_images: int = 4  # calibration images required after holding out `holdout`
+    holdout: int = 2  # real images kept out of calibration for the gate (the last ones, sorted)
+    synthetic: int = 2  # synthetic images added to the held-out gate set
+    gate: bool = True  # refuse to write when the gate fails
+    min_cosine: float = 0.99  # gate: worst held-out embedding cosine vs FP32
+    min_mask_iou: float = 0.95  # gate: mean held-out selected-mask IoU vs FP32
+    max_size_ratio: float = 0.35  # gate: INT8 encoder bytes / FP32 encoder bytes
+    max_excluded: int = 32  # most nodes per graph the sensitivity search may keep in float
+    calibration_share: float = 0.8  # share of the gate's error budgets the calibration set may use
+    reduce_range: bool = True  # 7-bit weights: no u8s8 saturation on AVX2-only CPUs
+    seed: int = 0  # prompt sampling and synthetic images
+    sampling: calibration.PromptSampling = field(default_factory=calibration.PromptSampling)
+    threads: int = None  # ORT intra-op threads for calibration and evaluation
+
+
+def check_config(config):
+    """Raise ValueError naming the first bad field of a QuantizeConfig."""
+    if config.method != "auto" and config.method not in METHODS:
+        raise ValueError(f"method must be 'auto' or one of {sorted(METHODS)}, got {config.method!r}")
+    if config.only not in (None, "encoder", "decoder"):
+        raise ValueError(f"only must be None, 'encoder' or 'decoder', got {config.only!r}")
+    for name in ("min_images", "holdout", "synthetic", "max_excluded"):
+        value = getattr(config, name)
+        if not isinstance(value, int) or value < (1 if name == "min_images" else 0):
+            raise ValueError(f"{name} must be an int >= {1 if name == 'min_images' else 0}, got {value!r}")
+    if config.holdout + config.synthetic < 1:
+        raise ValueError("the gate needs at least one held-out image: holdout + synthetic must be >= 1")
+    for name in ("min_cosine", "min_mask_iou", "max_size_ratio", "calibration_share"):
+        if not 0.0 <= getattr(config, name) <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {getattr(config, name)!r}")
+
+
+# -- graph preparation and quantization -----------------------------------------------------------
+
+def prepare_graph(src, dst):
+    """ORT extended-level fusions, then symbolic shape inference; see recipe step 1.
+
+    Args:
+        src: Path of an FP32 ONNX graph. dst: Path to write the prepared graph to.
+    """
+    model = onnx.load(str(src))
+    initializers = {init.name: init for init in model.graph.initializer}
+    # An initializer that is also a graph input may be overridden, so ORT never constant-folds
+    # through it: TinyViT's attention_biases[:, idxs] stays a small table plus a Gather.
+    tables = sorted({n.input[0] for n in model.graph.node if n.op_type == "Gather" and n.input[0] in initializers})
+    for name in tables:
+        init = initializers[name]
+        model.graph.input.append(onnx.helper.make_tensor_value_info(name, init.data_type, list(init.dims)))
+    staged_in, fused = dst.with_suffix(".in.onnx"), dst.with_suffix(".fused.onnx")
+    onnx.save(model, str(staged_in))
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED  # portable fusions only
+    options.optimized_model_filepath = str(fused)
+    options.log_severity_level = 3  # the "initializer appears in graph inputs" notice is intended
+    ort.InferenceSession(str(staged_in), options, providers=["CPUExecutionProvider"])
+    model = onnx.load(str(fused))
+    inputs = [i for i in model.graph.input if i.name not in tables]
+    del model.graph.input[:]
+    model.graph.input.extend(inputs)
+    onnx.save(model, str(fused))
+    quant_pre_process(str(fused), str(dst), skip_optimization=True, auto_merge=True, guess_output_rank=True)
+    staged_in.unlink()
+    fused.unlink()
+    return dst
+
+
+def quantize_graph(prepared, out, reader, method, role, exclude, config, cache):
+    """Static QDQ INT8 of a prepared graph.
+
+    Args:
+        prepared: Path from `prepare_graph`. out: Path to write.
+        reader: calibration.FeedReader (used only when `cache` does not exist yet).
+        method: key of METHODS. role: "encoder" | "decoder".
+        exclude: node names kept in float.
+        cache: Path of the calibration-range cache for this method (reused across calls).
+    """
+    reader.rewind()
+    printed = StringIO()
+    with contextlib.redirect_stdout(printed):  # ORT's histogram calibrators print() their progress
+        quantize_static(
+            str(prepared), str(out), reader,
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=list(OP_TYPES[role]),
+            per_channel=True,
+            reduce_range=config.reduce_range,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            nodes_to_exclude=list(exclude),
+            calibrate_method=METHODS[method],
+            calibration_cache_path=str(cache),
+            extra_options={
+                "OpTypesToExcludeOutputQuantization": list(FLOAT_OUTPUT_OPS),
+                "CalibStridedMinMax": 1,  # one feed at a time: bounded calibration memory
+            },
+        )
+    logger.debug("%s", printed.getvalue())
+    return out
+
+
+def quantize_dynamic_baseline(src, out, work):
+    """What public SAM-on-ONNX projects ship: `quantize_dynamic` defaults (per-tensor S8 weights).
+
+    Run after `quant_pre_process` shape inference, without which quantize_dynamic rejects graphs
+    whose folded weights were deduplicated into Identity nodes.
+    """
+    inferred = work / f"{out.stem}.inferred.onnx"
+    quant_pre_process(str(src), str(inferred), skip_optimization=True)
+    quantize_dynamic(str(inferred), str(out), weight_type=QuantType.QInt8)
+    inferred.unlink()
+    return out
+
+
+def store_weights_int8(path, nodes, out):
+    """Keep `nodes` computing in float but store their weights as int8 + DequantizeLinear.
+
+    Nodes kept in float by the sensitivity search would otherwise keep FP32 weights and push
+    the file over the size target. Weights are symmetric int8 per output channel; no
+    activation is quantized, so the node's arithmetic stays float.
+
+    Args:
+        path: Path of a (quantized) ONNX graph; out: Path to write.
+        nodes: names of Conv / Gemm / MatMul nodes; those whose input 1 is a float initializer
+            used by no other node are converted, others are left as they are.
+
+    Returns:
+        list of the node names converted.
+    """
+    model = onnx.load(str(path))
+    graph = model.graph
+    initializers = {init.name: init for init in graph.initializer}
+    uses = {}
+    for node in graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    dequantize, converted = [], []
+    for node in graph.node:
+        if node.name not in nodes or len(node.input) < 2:
+            continue
+        name = node.input[1]
+        init = initializers.get(name)
+        if init is None or uses[name] != 1 or init.data_type != onnx.TensorProto.FLOAT or len(init.dims) < 2:
+            continue
+        weight = onnx.numpy_helper.to_array(init)
+        # Output channels: Conv (M, C/g, kh, kw) axis 0; Gemm B (N, K) if transB else (K, N); MatMul B (K, N).
+        trans_b = any(a.name == "transB" and a.i for a in node.attribute)
+        axis = 0 if node.op_type == "Conv" or (node.op_type == "Gemm" and trans_b) else weight.ndim - 1
+        reduce = tuple(i for i in range(weight.ndim) if i != axis)
+        scale = (np.abs(weight).max(axis=reduce) / 127.0).astype(np.float32)  # (channels,)
+        scale[scale == 0] = 1.0
+        shape = [1] * weight.ndim
+        shape[axis] = -1
+        q = np.clip(np.round(weight / scale.reshape(shape)), -127, 127).astype(np.int8)
+        graph.initializer.remove(init)
+        graph.initializer.extend([
+            onnx.numpy_helper.from_array(q, f"{name}_w8"),
+            onnx.numpy_helper.from_array(scale, f"{name}_w8_scale"),
+            onnx.numpy_helper.from_array(np.zeros(scale.shape, np.int8), f"{name}_w8_zero_point"),
+        ])
+        dequantize.append(onnx.helper.make_node(
+            "DequantizeLinear", [f"{name}_w8", f"{name}_w8_scale", f"{name}_w8_zero_point"], [name],
+            name=f"{name}_w8_DequantizeLinear", axis=axis))
+        converted.append(node.name)
+    ordered = dequantize + list(graph.node)  # DQ of initializers first keeps the graph topologically sorted
+    del graph.node[:]
+    graph.node.extend(ordered)
+    onnx.save(model, str(out))
+    return converted
+
+
+def graph_nodes(path, op_types):
+    """Names of the nodes of `op_types` in an ONNX file, in graph order."""
+    model = onnx.load(str(path), load_external_data=False)
+    return [node.name for node in model.graph.node if node.op_type in op_types]
+
+
+# -- search on the calibration set ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class CalibrationSet:
+    """Calibration feeds and the FP32 references every candidate graph is compared with."""
+
+    encoder_feeds: list  # of {"image": (1, 3, 1024, 1024) float32}
+    embeddings: list  # FP32 (1, 256, 64, 64) per image
+    decoder_feeds: list  # of (image index, decoder feed dict on FP32 embeddings)
+    reference_masks: list  # FP32 selected low-res masks (B, 256, 256) bool per decoder feed
+
+    @property
+    def prompts(self):
+        return sum(feed["point_coords"].shape[0] for _, feed in self.decoder_feeds)
+
+
+def build_calibration_set(manifest, images, config):
+    """Encoder feeds through the runtime preprocessing, FP32 embeddings, prompt feeds, references."""
+    pre = manifest.preprocess
+    encoder = EncoderSession(manifest.encoder, config.threads)
+    decoder = DecoderSession(manifest.decoder, config.threads)
+    encoder_feeds = [{"image": calibration.encoder_input(io.load_image(img.path), pre)[0]} for img in images]
+    embeddings = [encoder.run(feed["image"]) for feed in encoder_feeds]
+    decoder_feeds, reference = [], []
+    for index, (img, emb) in enumerate(zip(images, embeddings)):
+        input_size = preprocess.preprocess_shape(*img.original_size, pre.image_size)
+        for kind, coords, labels in calibration.sample_prompts(input_size, np.random.default_rng(config.seed + index),
+                                                               config.sampling):
+            mask_input = fidelity.refine_input(decoder, emb, coords, labels) if kind == "refine" else None
+            feed = calibration.decoder_feeds(emb, coords, labels, mask_input)
+            decoder_feeds.append((index, feed))
+            reference.append(fidelity.select_best(*decoder.run(**feed))[0] > 0)
+    return CalibrationSet(encoder_feeds, embeddings, decoder_feeds, reference)
+
+
+class _Scorer:
+    """Candidate graphs of one role, measured against FP32 on the calibration set.
+
+    `budget(path)` is the largest fraction of an error budget the candidate uses (<= 1: on
+    target): the encoder answers for the worst embedding cosine and for the selected-mask IoU
+    of the FP32 decoder on its embeddings, the decoder for the selected-mask IoU on FP32
+    embeddings. `error(path)` is the continuous error used to rank nodes.
+    """
+
+    def __init__(self, role, manifest, calib, budgets, threads):
+        self.role, self.manifest, self.calib, self.budgets, self.threads = role, manifest, calib, budgets, threads
+        self._fp32_decoder = DecoderSession(manifest.decoder, threads)
+
+    def _session(self, path):
+        spec = dataclasses.replace(getattr(self.manifest, self.role), path=Path(path))
+        return (EncoderSession if self.role == "encoder" else DecoderSession)(spec, self.threads)
+
+    def _mask_iou(self, decoder, embeddings):
+        ious = []
+        for (index, feed), reference in zip(self.calib.decoder_feeds, self.calib.reference_masks):
+            low_res, iou = decoder.run(**dict(feed, image_embeddings=embeddings[index]))
+            ious.extend(fidelity.mask_iou(fidelity.select_best(low_res, iou)[0] > 0, reference))
+        return float(np.mean(ious))
+
+    def budget(self, path):
+        session = self._session(path)
+        if self.role == "decoder":
+            return fidelity.budget_used({"mask_iou": 1 - self._mask_iou(session, self.calib.embeddings)}, self.budgets)
+        embeddings = [session.run(feed["image"]) for feed in self.calib.encoder_feeds]
+        losses = {
+            "cosine": 1 - min(fidelity.cosine(e, r) for e, r in zip(embeddings, self.calib.embeddings)),
+            "mask_iou": 1 - self._mask_iou(self._fp32_decoder, embeddings),
+        }
+        return fidelity.budget_used(losses, self.budgets)
+
+    def error(self, path):
+        session = self._session(path)
+        if self.role == "encoder":
+            feed = self.calib.encoder_feeds[0]
+            return 1 - fidelity.cosine(session.run(feed["image"]), self.calib.embeddings[0])
+        feeds = [feed for _, feed in self.calib.decoder_feeds[:4]]
+        return float(np.mean([1 - fidelity.cosine(session.run(**f)[0], self._fp32_decoder.run(**f)[0]) for f in feeds]))
+
+
+def exclusion_count(errors, start, used):
+    """How many of the most sensitive nodes to keep in float next.
+
+    The measured budget use is attributed to the still-quantized nodes in proportion to their
+    one-at-a-time errors; keeping a share s of that error in float leaves about used * (1 - s).
+
+    Args:
+        errors: one-at-a-time errors, sorted high to low. start: nodes already kept in float.
+        used: budget use measured with `start` nodes kept in float (> 1).
+
+    Returns:
+        the smallest count > start estimated to bring the use to <= 1 (at most len(errors)).
+    """
+    remaining = sum(errors[start:])
+    needed = 1.0 - 1.0 / used  # share of the remaining error to remove
+    count, removed = start, 0.0
+    while count < len(errors):
+        removed += errors[count]
+        count += 1
+        if remaining <= 0 or removed / remaining >= needed:
+            break
+    return count
+
+
+def search_graph(role, prepared, reader, scorer, config, work, progress):
+    """Pick the calibration method by measurement, then keep the most sensitive nodes in float
+    (weights still int8) until the calibration-set budget use is <= 1.
+
+    Returns:
+        (path of the chosen INT8 graph, recipe dict for the manifest).
+    """
+    methods = list(METHODS) if config.method == "auto" else [config.method]
+    used, paths = {}, {}
+    for method in methods:
+        progress(f"{role}: calibrating ({method}) and quantizing")
+        paths[method] = quantize_graph(prepared, work / f"{role}.{method}.onnx", reader, method, role, (),
+                                       config, work / f"{role}.{method}.ranges.json")
+        used[method] = scorer.budget(paths[method])
+        progress(f"{role}: {method}: {used[method]:.0%} of the calibration error budget")
+    method = min(used, key=used.get)
+    path, budget, excluded, errors = paths[method], used[method], [], {}
+    cache = work / f"{role}.{method}.ranges.json"
+    if budget > 1 and config.max_excluded > 0:
+        candidates = graph_nodes(prepared, OP_TYPES[role])
+        progress(f"{role}: over budget; measuring the sensitivity of {len(candidates)} nodes, one at a time")
+        for name in candidates:
+            one = quantize_graph(prepared, work / f"{role}.one.onnx", reader, method, role,
+                                 [n for n in candidates if n != name], config, cache)
+            errors[name] = scorer.error(one)
+        ranked = sorted(candidates, key=errors.get, reverse=True)
+        limit = min(config.max_excluded, len(ranked))
+        while budget > 1 and len(excluded) < limit:
+            count = min(exclusion_count([errors[n] for n in ranked], len(excluded), budget), limit)
+            excluded = ranked[:count]
+            path = work / f"{role}.{method}.x{count}.onnx"
+            quantize_graph(prepared, path, reader, method, role, excluded, config, cache)
+            store_weights_int8(path, excluded, path)
+            budget = scorer.budget(path)
+            progress(f"{role}: {count} node(s) kept in float -> {budget:.0%} of the budget")
+    recipe = {
+        "method": method,
+        "budget_used_by_method": {m: round(u, 4) for m, u in used.items()},
+        "budget_used": round(budget, 4),
+        "budgets": {k: round(v, 6) for k, v in scorer.budgets.items()},
+        "op_types": list(OP_TYPES[role]),
+        "float_output_op_types": list(FLOAT_OUTPUT_OPS),
+        "activation_type": "QUInt8",
+        "weight_type": "QInt8",
+        "per_channel": True,
+        "reduce_range": config.reduce_range,
+        "excluded_nodes": excluded,
+        "excluded_nodes_storage": "int8 weights (per-channel, symmetric) + DequantizeLinear, float compute",
+        "sensitivity_top": {n: round(errors[n], 7) for n in sorted(errors, key=errors.get, reverse=True)[:16]},
+        "preparation": "ORT extended-level fusions (lookup tables kept unfolded), quant_pre_process shape inference",
+    }
+    return path, recipe
+
+
+# -- the command ----------------------------------------------------------------------------------
+
+def _split_images(source, config):
+    """Calibration and held-out image lists (validated), by sorted file name."""
+    paths = calibration.list_images(source)
+    images = calibration.load_images(paths, config.min_images + config.holdout)
+    cut = len(images) - config.holdout
+    return images[:cut], images[cut:]
+
+
+def _budgets(role, config, roles):
+    """Error budgets of one graph on the calibration set: its share of the gate's budgets."""
+    share = config.calibration_share / len(roles)  # both graphs move the masks; only the encoder the embedding
+    budgets = {"mask_iou": share * (1.0 - config.min_mask_iou)}
+    if role == "encoder":
+        budgets["cosine"] = config.calibration_share * (1.0 - config.min_cosine)
+    return budgets
+
+
+def _write_manifest(staging, manifest, graphs, recipe):
+    """manifest.json of the INT8 directory: the FP32 one with new graph entries and the recipe."""
+    doc = copy.deepcopy(manifest.raw)
+    contract = {"encoder": (manifest_mod.ENCODER_INPUTS, manifest_mod.ENCODER_OUTPUTS),
+                "decoder": (manifest_mod.DECODER_INPUTS, manifest_mod.DECODER_OUTPUTS)}
+    for role, (path, precision) in graphs.items():
+        doc["graphs"][role] = manifest_mod.graph_entry(role, path, precision, manifest.weights_id, *contract[role])
+    doc["quantization"] = recipe
+    atomic_write_text(staging / manifest_mod.MANIFEST_NAME, json.dumps(doc, indent=2) + "\n")
+
+
+def _sessions(manifest, paths, threads):
+    """(EncoderSession, DecoderSession) of the manifest's graphs, with some files swapped."""
+    specs = [dataclasses.replace(getattr(manifest, role), path=Path(paths.get(role, getattr(manifest, role).path)))
+             for role in ("encoder", "decoder")]
+    return EncoderSession(specs[0], threads), DecoderSession(specs[1], threads)
+
+
+def quantize_model(model_dir, calib, out_dir, config=QuantizeConfig(), progress=None):
+    """Quantize a tinysam-rt model directory to INT8 and publish it atomically.
+
+    Args:
+        model_dir: FP32 tinysam-rt model directory (its manifest and sha256 are verified).
+        calib: calibration images: a directory (every file in it must be an image) or a glob.
+        out_dir: output model directory; created or replaced whole, only if everything succeeds.
+        config: QuantizeConfig.
+        progress: optional callable(str) receiving progress lines (the CLI prints them).
+
+    Returns:
+        the report dict (also the manifest's "quantization" block).
+
+    Raises:
+        FileNotFoundError / ModelFileError: `model_dir` is not a (valid) tinysam-rt model.
+        ValueError: bad config, too few calibration images, or a file that is not an image.
+        RuntimeError: the accuracy gate failed; nothing was written (unless config.gate is False).
+    """
+    progress = progress or (lambda line: logger.info("%s", line))
+    check_config(config)
+    manifest = manifest_mod.load_manifest(model_dir)
+    if Path(out_dir).resolve() == Path(model_dir).resolve():
+        raise ValueError(f"out_dir must differ from model_dir ({model_dir}): the FP32 model is the reference")
+    calib_images, held_images = _split_images(calib, config)
+    roles = [config.only] if config.only else ["encoder", "decoder"]
+    with tempfile.TemporaryDirectory(prefix="tinysam-quantize-") as tmp, atomic_directory(out_dir) as staging:
+        work = Path(tmp)
+        progress(f"calibration set: {len(calib_images)} images through the runtime preprocessing")
+        calib_set = build_calibration_set(manifest, calib_images, config)
+        graphs, recipes, dynamic = {}, {}, {}
+        for role in roles:
+            spec = getattr(manifest, role)
+            prepared = prepare_graph(spec.path, work / f"{role}.prepared.onnx")
+            feeds = calib_set.encoder_feeds if role == "encoder" else [feed for _, feed in calib_set.decoder_feeds]
+            reader = calibration.FeedReader(len(feeds), feeds.__getitem__)
+            scorer = _Scorer(role, manifest, calib_set, _budgets(role, config, roles), config.threads)
+            path, recipes[role] = search_graph(role, prepared, reader, scorer, config, work, progress)
+            graphs[role] = (shutil.copyfile(path, staging / INT8_FILES[role]), PRECISION)
+            progress(f"{role}: building the quantize_dynamic baseline")
+            dynamic[role] = quantize_dynamic_baseline(spec.path, work / f"{role}.dynamic.onnx", work)
+        for role in ("encoder", "decoder"):
+            if role not in graphs:  # --only: the other graph is copied unchanged
+                spec = getattr(manifest, role)
+                graphs[role] = (shutil.copyfile(spec.path, staging / spec.path.name), spec.precision)
+        held = [(img.path.name, io.load_image(img.path)) for img in held_images]
+        held += [(f"synthetic-{k}", calibration.synthetic_image(768 + 64 * k, 1024 - 96 * k, config.seed + k))
+                 for k in range(config.synthetic)]
+        progress(f"evaluating FP32 / static / dynamic on {len(held)} held-out images")
+        pipelines = {"fp32": _sessions(manifest, {}, config.threads),
+                     "static": _sessions(manifest, {r: graphs[r][0] for r in roles}, config.threads),
+                     "dynamic": _sessions(manifest, dynamic, config.threads)}
+        scores = fidelity.evaluate(pipelines, held, manifest.preprocess, config.sampling, config.seed + 1000)
+        sizes = {}
+        for role in ("encoder", "decoder"):
+            fp32_bytes = getattr(manifest, role).path.stat().st_size
+            size = Path(graphs[role][0]).stat().st_size
+            sizes[role] = {"precision": graphs[role][1], "fp32_bytes": fp32_bytes, "bytes": size,
+                           "ratio": round(size / fp32_bytes, 4),
+                           "dynamic_bytes": dynamic[role].stat().st_size if role in dynamic else None}
+        failures = fidelity.gate_failures(scores, sizes["encoder"]["ratio"] if "encoder" in roles else None,
+                                          config.min_cosine, config.min_mask_iou, config.max_size_ratio)
+        report = {
+            "tool": "tinysam quantize",
+            "model": manifest.model,
+            "weights_id": manifest.weights_id,
+            "source": {"encoder_sha256": manifest.encoder.sha256, "decoder_sha256": manifest.decoder.sha256},
+            "format": "QDQ",
+            "graphs": recipes,
+            "calibration": {
+                "images": [{"file": img.path.name, "sha256": img.sha256} for img in calib_images],
+                "prompts": calib_set.prompts,
+                "prompt_sampling": dataclasses.asdict(config.sampling),
+                "seed": config.seed,
+                "share_of_gate_budget": config.calibration_share,
+            },
+            "held_out": [name for name, _ in held],
+            "held_out_images": [{"file": img.path.name, "sha256": img.sha256} for img in held_images],
+            "fidelity": scores,
+            "sizes": sizes,
+            "gate": {"enforced": config.gate, "passed": not failures, "failures": failures,
+                     "min_cosine": config.min_cosine, "min_mask_iou": config.min_mask_iou,
+                     "max_size_ratio": config.max_size_ratio},
+            "versions": {"onnxruntime": ort.__version__, "onnx": onnx.__version__, "numpy": np.__version__},
+        }
+        if failures and config.gate:
+            raise RuntimeError("accuracy gate failed, nothing written: " + "; ".join(failures)
+                               + " (--no-gate writes it anyway)")
+        _write_manifest(staging, manifest, graphs, report)
+        atomic_write_text(staging / REPORT_FILES[0], json.dumps(report, indent=2) + "\n")
+        atomic_write_text(staging / REPORT_FILES[1], fidelity.report_markdown(report))
+        # Publish only what the runtime itself loads (sha256, I/O contract) and runs.
+        image = held[0][1]
+        TinySAMPredictor(image, model_dir=staging, threads=config.threads).predict(
+            point_coords=[[image.shape[1] / 2, image.shape[0] / 2]])
+    return report
