@@ -182,25 +182,28 @@ def run(args, dirs, image, progress, command):
         progress(f"machine limit: {args.gemm_n}^3 GEMM, numpy and ORT at threads {threads}")
     report["machine_limits"] = None if args.no_peak else bench_run.machine_limits(threads, args.gemm_n)
     loaded = [bench_run.model_info(d) for d in dirs]
-    models = []
+    models = [{"label": label, **info, "flops": None, "cold_start": None, "threads": []}
+              for label, (_, info) in zip(_labels(dirs, [m for m, _ in loaded]), loaded)]
     with bench_run.temp_dir() as tmp:
         image_path = args.image or bench_run.write_image_for_child(image, tmp)
-        for label, (manifest, info) in zip(_labels(dirs, [m for m, _ in loaded]), loaded):
-            model = {"label": label, **info, "flops": None, "cold_start": None, "threads": []}
+        for model, (manifest, _) in zip(models, loaded):
             if not args.no_flops:
-                progress(f"{label}: counting FLOPs (one unoptimised, profiled run per graph)")
+                progress(f"{model['label']}: counting FLOPs (one unoptimised, profiled run per graph)")
                 model["flops"] = bench_run.count_model_flops(manifest, args.batch)
             if not args.no_cold_start:
-                progress(f"{label}: fresh process, start to first mask ({max(threads)} threads)")
+                progress(f"{model['label']}: fresh process, start to first mask ({max(threads)} threads)")
                 model["cold_start"] = bench_run.cold_start(manifest.model_dir, image_path, max(threads))
-            for t in threads:
-                progress(f"{label}: {t} thread(s), {args.warmup} warm-up + {args.runs} timed runs per stage")
-                entry = bench_run.measure_threads(manifest, image, t, args.runs, args.warmup, args.batch, args.budget)
-                entry["achieved"] = (bench_run.achieved(entry["stages"], model["flops"], report["machine_limits"], t)
-                                     if model["flops"] else None)
-                model["threads"].append(entry)
-            model["thread_scaling"] = bench_report.thread_scaling(model)
-            models.append(model)
+    # Thread counts outside, models inside: models compared at one thread count are measured
+    # back to back, so a burst of outside load is less likely to favour one of them.
+    for t in threads:
+        for model, (manifest, _) in zip(models, loaded):
+            progress(f"{model['label']}: {t} thread(s), {args.warmup} warm-up + {args.runs} timed runs per stage")
+            entry = bench_run.measure_threads(manifest, image, t, args.runs, args.warmup, args.batch, args.budget)
+            entry["achieved"] = (bench_run.achieved(entry["stages"], model["flops"], report["machine_limits"], t)
+                                 if model["flops"] else None)
+            model["threads"].append(entry)
+    for model in models:
+        model["thread_scaling"] = bench_report.thread_scaling(model)
     report["models"] = models
     report["comparisons"] = bench_report.comparisons(models)
     report["main_process_peak_rss_bytes"] = sysinfo.peak_rss_bytes()
