@@ -29,11 +29,12 @@ TORCH_STACK = {"torch", "torchvision", "segment-anything", "mobilesam-mirror", "
 AARCH64_WHEEL_FLOOR = {"numpy": "1.22.0", "onnxruntime": "1.17.0", "opencv-python-headless": "4.6"}
 
 # onnxruntime releases an aarch64 user must not get (scripts/arm64/ort_matrix.py, docs/ARM.md):
-# before 1.19 the wheels are built against NumPy 1.x and fail to import next to NumPy 2, which
-# `numpy>=1.22` resolves to; 1.21.0 dies with SIGILL at import on the Pi 4's Cortex-A72
-# (reproduced under qemu -cpu cortex-a72; upstream microsoft/onnxruntime#23957).
-ORT_FIRST_NUMPY2 = "1.19.0"
-ORT_BAD_ON_AARCH64 = ("1.17.0", "1.18.1", "1.21.0")
+# 1.17.0 is built against NumPy 1.x and fails to import next to NumPy 2, which `numpy>=1.22`
+# resolves to (1.18.1 is the oldest release checked to import and run with it); 1.21.0 dies with
+# SIGILL at import on the Pi 4's Cortex-A72 (reproduced under qemu -cpu cortex-a72; upstream
+# microsoft/onnxruntime#23957).
+ORT_OLDEST_VERIFIED = "1.18.1"
+ORT_BAD_ON_AARCH64 = ("1.17.0", "1.21.0")
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +102,7 @@ def test_lower_bound_parses_specifier_sets():
 
 def test_onnxruntime_requirement_excludes_releases_broken_on_aarch64(runtime_requirements):
     specifier = runtime_requirements["onnxruntime"].specifier
-    assert lower_bound(specifier) >= Version(ORT_FIRST_NUMPY2), specifier
+    assert lower_bound(specifier) >= Version(ORT_OLDEST_VERIFIED), specifier
     admitted = [v for v in ORT_BAD_ON_AARCH64 if specifier.contains(v)]
     assert not admitted, f"onnxruntime{specifier} admits {admitted}, which fail on aarch64"
     # No upper bound: the newest release (1.32.0 when checked) runs on aarch64.
