@@ -272,3 +272,44 @@ def test_export_killed_mid_write_keeps_the_old_model(fp32_model_dir, tmp_path):
         child.wait(timeout=30)
     assert _tree(target) == before
     assert mf.load_manifest(target).weights_id == "random-seed-0"  # sha256-verified, still loadable
+
+
+# --- quantize ----------------------------------------------------------------------------------------
+# tests/test_quantize.py checks that a failed accuracy gate (raised after the INT8 graphs are staged)
+# keeps the previous output; here the process is killed while it is writing.
+
+_QUANTIZE = textwrap.dedent("""
+    import sys
+    from tinysam_export import calibration, quantize
+    sampling = calibration.PromptSampling(points=2, multi_points=1, boxes=1, point_boxes=1, grid_per_side=2,
+                                          refinements=1, batch=4)
+    config = quantize.QuantizeConfig(method="minmax", only="decoder", min_images=1, holdout=1, synthetic=0,
+                                     gate=False, max_excluded=0, sampling=sampling, threads=1)
+    quantize.quantize_model(sys.argv[1], sys.argv[2], sys.argv[3], config)
+""")
+
+
+@pytest.mark.torch
+def test_quantize_killed_mid_write_keeps_the_old_output(fp32_model_dir, tmp_path):
+    pytest.importorskip("onnx")
+    calib = tmp_path / "calib"
+    io.write_png(calib / "a.png", synthetic_image(96, 128, seed=1))
+    io.write_png(calib / "b.png", synthetic_image(128, 96, seed=2))
+    target = tmp_path / "vit_t-int8"
+    shutil.copytree(fp32_model_dir, target)  # stands in for an earlier, complete output
+    before = _tree(target)
+    child = subprocess.Popen([sys.executable, "-c", _QUANTIZE, str(fp32_model_dir), str(calib), str(target)],
+                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        start = time.monotonic()
+        while time.monotonic() - start < 900 and child.poll() is None:
+            staged = [p for d in tmp_path.glob(".vit_t-int8.*.tmp") for p in d.glob("*.onnx")]
+            if staged:  # an INT8 graph is already in the staging directory
+                break
+            time.sleep(0.05)
+        assert child.poll() is None, "quantize finished (or failed) before it could be interrupted"
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=30)
+    assert _tree(target) == before
+    assert mf.load_manifest(target).decoder.precision == "fp32"  # the old model, sha256-verified
