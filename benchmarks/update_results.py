@@ -9,6 +9,7 @@ the exact command, CPU model, ISA flags and the load the machine was under.
 """
 
 import argparse
+import importlib.util
 import json
 import re
 import subprocess
@@ -118,58 +119,114 @@ CONTENTION_NOTE = (
     "comparable to the stage time, means the process was waiting for a core, not computing.")
 
 
+def quantization_lines(models):
+    """Provenance of quantized models, from their manifests' recipe (fields read defensively)."""
+    lines = []
+    for model in models:
+        recipe = model.get("quantization")
+        if not isinstance(recipe, dict):
+            continue
+        methods = ", ".join(f"{g} {r.get('method')}" for g, r in (recipe.get("graphs") or {}).items())
+        static = (recipe.get("fidelity") or {}).get("static") or {}
+        gate = recipe.get("gate") or {}
+        verdict = "passed" if gate.get("passed") else "FAILED" + ("" if gate.get("enforced") else " (not enforced)")
+        lines.append(f"- {model['label']}: {recipe.get('tool')} ({recipe.get('format')}; calibration {methods}); "
+                     f"held-out fidelity vs FP32: embedding cosine mean {static.get('embedding_cosine_mean')}, "
+                     f"selected-mask IoU mean {static.get('mask_iou_mean')}; accuracy gate {verdict}.")
+    return "\n".join(lines)
+
+
+def _compare_torch_module():
+    spec = importlib.util.spec_from_file_location("compare_torch", HERE / "compare_torch.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def bench_section(report):
+    """Markdown body of the '## tinysam-bench' section, from a tinysam-bench JSON report."""
+    from tinysam_rt import bench_report
+
+    notes = "\n".join(f"- {n}" for n in report.get("notes", []))
+    return "\n\n".join(part for part in [
+        f"Command (repo commit {report.get('repo_commit', 'unknown')}, {report['started_at']}):\n\n"
+        f"    {' '.join(report['command'])}",
+        _machine_line(report["system"], report["system"]["load_average"], report["load_average_end"]),
+        CONTENTION_NOTE,
+        "\n".join(filter(None, [notes, quantization_lines(report["models"])])),
+        bench_summary(report) + _int8_note(report["models"]),
+        bench_report.format_report(report, markdown=True),
+        "Raw numbers: `benchmarks/results/bench.json`. Regenerate this section and the next with "
+        f"`python benchmarks/update_results.py {' '.join(report.get('update_command', []))}`.",
+    ] if part.strip())
+
+
+def torch_section(report):
+    """Markdown body of the '## PyTorch vs ORT' section, from a compare_torch JSON report."""
+    return "\n\n".join([
+        f"Command (repo commit {report.get('repo_commit', 'unknown')}, torch {report['settings']['torch']}):\n\n"
+        f"    {' '.join(report['command'])}",
+        _machine_line(report["system"], report["system"]["load_average"], report["load_average_end"]),
+        "Same weights (the manifest's seed/checkpoint rebuilt with `build_tinysam`), same image, same "
+        "preprocessed tensor; the backends take turns within every timed run. Eager torch uses "
+        "`SamPredictor` for end_to_end. " + CONTENTION_NOTE,
+        torch_summary(report) + _int8_note([{"label": k} for k in report["stages"]]),
+        _compare_torch_module().format_tables(report, markdown=True),
+        "Raw numbers: `benchmarks/results/compare_torch.json`.",
+    ])
+
+
+def _stamp(path, **fields):
+    """Add provenance fields to a results JSON file (atomically)."""
+    report = json.loads(path.read_text())
+    report.update(fields)
+    atomic_write_text(path, json.dumps(report, indent=2) + "\n")
+    return report
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", action="append", required=True, metavar="DIR", help="FP32 first, then INT8")
+    parser.add_argument("--model", action="append", metavar="DIR", help="FP32 first, then INT8")
     parser.add_argument("--threads", default="1,2", help="tinysam-bench thread sweep")
     parser.add_argument("--torch-threads", default="2", help="threads for compare_torch")
     parser.add_argument("--batch", default="64", help="tinysam-bench decoder batch")
     parser.add_argument("--torch-batch", default="16", help="compare_torch decoder batch (eager torch is slow)")
     parser.add_argument("--runs", default="20")
     parser.add_argument("--warmup", default="3")
+    parser.add_argument("--note", action="append", default=[], help="a line to add to both sections (repeatable)")
+    parser.add_argument("--commit", default=None, help="repo commit to record (default: HEAD)")
     parser.add_argument("--skip-torch", action="store_true", help="only regenerate the tinysam-bench section")
+    parser.add_argument("--from-json", action="store_true",
+                        help="measure nothing: re-render the sections from benchmarks/results/*.json")
     args = parser.parse_args(argv)
+    if not args.from_json and not args.model:
+        parser.error("--model is required unless --from-json")
     out = HERE / "results"
     out.mkdir(exist_ok=True)
-    models = [a for m in args.model for a in ("--model", m)]
-    commit = _git_commit()
-
-    bench_cmd = ["tinysam-bench", *models, "--threads", args.threads, "--runs", args.runs, "--warmup", args.warmup,
-                 "--batch", args.batch, "--json", "benchmarks/results/bench.json", "--markdown"]
-    tables = _run([sys.executable, "-m", "tinysam_rt.bench", *bench_cmd[1:]])
-    report = json.loads((out / "bench.json").read_text())
-    body = "\n\n".join([
-        f"Command (repo commit {commit}, {report['started_at']}):\n\n    {' '.join(bench_cmd)}",
-        _machine_line(report["system"], report["system"]["load_average"], report["load_average_end"]),
-        CONTENTION_NOTE,
-        bench_summary(report) + _int8_note(report["models"]),
-        tables,
-        "Raw numbers: `benchmarks/results/bench.json`. Regenerate both sections with "
-        f"`python benchmarks/update_results.py {' '.join(argv if argv is not None else sys.argv[1:])}`.",
-    ])
+    stamp = {"repo_commit": args.commit or _git_commit(), "notes": args.note,
+             "update_command": list(argv if argv is not None else sys.argv[1:])}
+    models = [a for m in args.model or [] for a in ("--model", m)]
+    if args.from_json:  # fill in provenance the files lack (written by an older update_results)
+        for name in ("bench.json", "compare_torch.json"):
+            if (out / name).exists():
+                report = json.loads((out / name).read_text())
+                missing = {k: v for k, v in stamp.items() if k not in report or (k == "notes" and v)}
+                if missing:
+                    _stamp(out / name, **missing)
+    else:
+        _run([sys.executable, "-m", "tinysam_rt.bench", *models, "--threads", args.threads, "--runs", args.runs,
+              "--warmup", args.warmup, "--batch", args.batch, "--json", "benchmarks/results/bench.json", "--quiet"])
+        _stamp(out / "bench.json", **stamp)
+        if not args.skip_torch:
+            _run([sys.executable, str(HERE / "compare_torch.py"), *models, "--threads", args.torch_threads,
+                  "--runs", args.runs, "--warmup", args.warmup, "--batch", args.torch_batch,
+                  "--json", "benchmarks/results/compare_torch.json"])
+            _stamp(out / "compare_torch.json", **stamp)
     text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    text = replace_section(text, BENCH_SECTION, body)
+    text = replace_section(text, BENCH_SECTION, bench_section(json.loads((out / "bench.json").read_text())))
+    if not args.skip_torch and (out / "compare_torch.json").exists():
+        text = replace_section(text, TORCH_SECTION, torch_section(json.loads((out / "compare_torch.json").read_text())))
     atomic_write_text(RESULTS, text)
-
-    if not args.skip_torch:
-        torch_cmd = ["python", "benchmarks/compare_torch.py", *models, "--threads", args.torch_threads,
-                     "--runs", args.runs, "--warmup", args.warmup, "--batch", args.torch_batch,
-                     "--json", "benchmarks/results/compare_torch.json",
-                     "--markdown"]
-        tables = _run([sys.executable, str(HERE / "compare_torch.py"), *torch_cmd[2:]])
-        report = json.loads((out / "compare_torch.json").read_text())
-        body = "\n\n".join([
-            f"Command (repo commit {commit}, torch {report['settings']['torch']}):\n\n    {' '.join(torch_cmd)}",
-            _machine_line(report["system"], report["system"]["load_average"], report["load_average_end"]),
-            "Same weights (the manifest's seed/checkpoint rebuilt with `build_tinysam`), same image, same "
-            "preprocessed tensor; the backends take turns within every timed run. Eager torch uses "
-            "`SamPredictor` for end_to_end. " + CONTENTION_NOTE,
-            torch_summary(report) + _int8_note([{"label": k} for k in report["stages"]]),
-            tables,
-            "Raw numbers: `benchmarks/results/compare_torch.json`.",
-        ])
-        text = replace_section(RESULTS.read_text(), TORCH_SECTION, body)
-        atomic_write_text(RESULTS, text)
     print(f"updated {RESULTS}", file=sys.stderr)
     return 0
 

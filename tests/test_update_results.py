@@ -25,3 +25,35 @@ def test_last_section_and_missing_section():
 def test_a_heading_prefix_is_not_a_match():
     text = "## tinysam-bench extras\n\nkeep\n"
     assert update_results.replace_section(text, "## tinysam-bench", "x") == text.rstrip() + "\n\n## tinysam-bench\n\nx\n\n"
+
+
+def test_quantization_provenance_line():
+    recipe = {"tool": "tinysam quantize", "format": "QDQ", "graphs": {"encoder": {"method": "minmax"}},
+              "fidelity": {"static": {"embedding_cosine_mean": 0.97, "mask_iou_mean": 0.72}},
+              "gate": {"passed": False, "enforced": False}}
+    lines = update_results.quantization_lines([{"label": "fp32", "quantization": None},
+                                               {"label": "int8", "quantization": recipe}])
+    assert lines == ("- int8: tinysam quantize (QDQ; calibration encoder minmax); held-out fidelity vs FP32: "
+                     "embedding cosine mean 0.97, selected-mask IoU mean 0.72; accuracy gate FAILED (not enforced).")
+
+
+def test_from_json_rerenders_only_its_sections(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    bench = tmp_path / "benchmarks"
+    (bench / "results").mkdir(parents=True)
+    for name in ("update_results.py", "compare_torch.py"):
+        shutil.copy(SCRIPT.parent / name, bench / name)
+    for name in ("bench.json", "compare_torch.json"):
+        shutil.copy(SCRIPT.parent / "results" / name, bench / "results" / name)
+    other = "## Someone else's\n\nkeep this\n"
+    (bench / "RESULTS.md").write_text(f"# Results\n\n## tinysam-bench\n\nstale\n\n{other}")
+    result = subprocess.run([sys.executable, str(bench / "update_results.py"), "--from-json", "--note", "n1"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    text = (bench / "RESULTS.md").read_text()
+    assert "stale" not in text and other in text
+    assert text.count("## tinysam-bench\n") == 1 and text.count("## PyTorch vs ORT\n") == 1
+    assert "- n1" in text and "| model | threads | stage | runs | p50 ms |" in text
