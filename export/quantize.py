@@ -130,37 +130,46 @@ def prepare_graph(src, dst):
     return dst
 
 
-def quantize_graph(prepared, out, reader, method, role, exclude, config, cache):
-    """Static QDQ INT8 of a prepared graph.
+def quantize_qdq(prepared, out, reader, method, op_types, exclude, cache, reduce_range=True,
+                 activation_type=QuantType.QUInt8, extra_options=None):
+    """Static QDQ INT8 of a prepared graph: per-channel S8 weights, Gemm/MatMul outputs in float.
 
     Args:
         prepared: Path from `prepare_graph`. out: Path to write.
         reader: calibration.FeedReader (used only when `cache` does not exist yet).
-        method: key of METHODS. role: "encoder" | "decoder".
-        exclude: node names kept in float.
-        cache: Path of the calibration-range cache for this method (reused across calls).
+        method: key of METHODS. op_types: op types to quantize. exclude: node names kept float.
+        cache: Path of the calibration-range cache of this method, reused across calls (it must
+            first be made with a superset of `op_types`).
+        activation_type, extra_options: onnxruntime.quantization settings (recipe variants).
     """
     reader.rewind()
+    options = {
+        "OpTypesToExcludeOutputQuantization": list(FLOAT_OUTPUT_OPS),
+        "CalibStridedMinMax": 1,  # one feed at a time: bounded calibration memory
+        **(extra_options or {}),
+    }
     printed = StringIO()
     with contextlib.redirect_stdout(printed):  # ORT's histogram calibrators print() their progress
         quantize_static(
             str(prepared), str(out), reader,
             quant_format=QuantFormat.QDQ,
-            op_types_to_quantize=list(OP_TYPES[role]),
+            op_types_to_quantize=list(op_types),
             per_channel=True,
-            reduce_range=config.reduce_range,
-            activation_type=QuantType.QUInt8,
+            reduce_range=reduce_range,
+            activation_type=activation_type,
             weight_type=QuantType.QInt8,
             nodes_to_exclude=list(exclude),
             calibrate_method=METHODS[method],
             calibration_cache_path=str(cache),
-            extra_options={
-                "OpTypesToExcludeOutputQuantization": list(FLOAT_OUTPUT_OPS),
-                "CalibStridedMinMax": 1,  # one feed at a time: bounded calibration memory
-            },
+            extra_options=options,
         )
     logger.debug("%s", printed.getvalue())
     return out
+
+
+def quantize_graph(prepared, out, reader, method, role, exclude, config, cache):
+    """`quantize_qdq` with the recipe's op types for `role` and the config's reduce_range."""
+    return quantize_qdq(prepared, out, reader, method, OP_TYPES[role], exclude, cache, config.reduce_range)
 
 
 def quantize_dynamic_baseline(src, out, work):
@@ -426,11 +435,21 @@ def _write_manifest(staging, manifest, graphs, recipe):
     atomic_write_text(staging / manifest_mod.MANIFEST_NAME, json.dumps(doc, indent=2) + "\n")
 
 
-def _sessions(manifest, paths, threads):
-    """(EncoderSession, DecoderSession) of the manifest's graphs, with some files swapped."""
-    specs = [dataclasses.replace(getattr(manifest, role), path=Path(paths.get(role, getattr(manifest, role).path)))
-             for role in ("encoder", "decoder")]
-    return EncoderSession(specs[0], threads), DecoderSession(specs[1], threads)
+def _sessions(manifest, paths, threads, fallback=None):
+    """(EncoderSession, DecoderSession) of the manifest's graphs with some files swapped.
+
+    Args:
+        paths: dict role -> Path of the graph to use instead of the manifest's.
+        fallback: sessions to reuse for the roles not in `paths` (default: new ones).
+    """
+    sessions = []
+    for index, (role, kind) in enumerate((("encoder", EncoderSession), ("decoder", DecoderSession))):
+        if role not in paths and fallback is not None:
+            sessions.append(fallback[index])
+        else:
+            spec = getattr(manifest, role)
+            sessions.append(kind(dataclasses.replace(spec, path=Path(paths.get(role, spec.path))), threads))
+    return tuple(sessions)
 
 
 def quantize_model(model_dir, calib, out_dir, config=QuantizeConfig(), progress=None):
@@ -481,9 +500,10 @@ def quantize_model(model_dir, calib, out_dir, config=QuantizeConfig(), progress=
         held += [(f"synthetic-{k}", calibration.synthetic_image(768 + 64 * k, 1024 - 96 * k, config.seed + k))
                  for k in range(config.synthetic)]
         progress(f"evaluating FP32 / static / dynamic on {len(held)} held-out images")
-        pipelines = {"fp32": _sessions(manifest, {}, config.threads),
-                     "static": _sessions(manifest, {r: graphs[r][0] for r in roles}, config.threads),
-                     "dynamic": _sessions(manifest, dynamic, config.threads)}
+        fp32 = _sessions(manifest, {}, config.threads)
+        pipelines = {"fp32": fp32,
+                     "static": _sessions(manifest, {r: graphs[r][0] for r in roles}, config.threads, fp32),
+                     "dynamic": _sessions(manifest, dynamic, config.threads, fp32)}
         scores = fidelity.evaluate(pipelines, held, manifest.preprocess, config.sampling, config.seed + 1000)
         sizes = {}
         for role in ("encoder", "decoder"):

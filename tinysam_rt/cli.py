@@ -260,8 +260,78 @@ def _add_export(subparsers):
     parser.set_defaults(func=_cmd_export)
 
 
+def _cmd_quantize(args):
+    import importlib.util
+
+    if importlib.util.find_spec("onnx") is None:
+        raise RuntimeError("`tinysam quantize` needs the onnx package: pip install 'tinysam-rt[quantize]'")
+    import logging
+
+    import onnxruntime
+
+    try:
+        from tinysam_export.calibration import PromptSampling
+        from tinysam_export.fidelity import report_markdown
+        from tinysam_export.quantize import QuantizeConfig, check_config, quantize_model
+    except ImportError as exc:
+        raise RuntimeError(f"`tinysam quantize` needs the quantize extra: pip install 'tinysam-rt[quantize]' ({exc})") from None
+
+    if not args.debug:
+        # onnxruntime.quantization warns through the root logger (per-channel axes of LayerNorm
+        # weights, pre-processing hints) and ORT's C++ logger; the recipe handles both.
+        logging.getLogger().setLevel(logging.ERROR)
+        onnxruntime.set_default_logger_severity(3)
+    config = QuantizeConfig(method=args.method, only=args.only, min_images=args.min_images, holdout=args.holdout,
+                            synthetic=args.synthetic, gate=not args.no_gate, max_excluded=args.max_excluded,
+                            reduce_range=not args.no_reduce_range, seed=args.seed, threads=args.threads,
+                            sampling=PromptSampling())
+    try:
+        check_config(config)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    report = quantize_model(args.model, args.calib, args.out, config,
+                            progress=lambda line: print(f"tinysam quantize: {line}", file=sys.stderr, flush=True))
+    if args.report:
+        print(report_markdown(report))
+    static = report["fidelity"]["static"]
+    gate = "passed" if report["gate"]["passed"] else "FAILED (written because of --no-gate)"
+    print(f"wrote {args.out}/ (gate {gate}: embedding cosine min {static['embedding_cosine_min']:.4f}, "
+          f"mask IoU mean {static['mask_iou_mean']:.4f}; quantization_report.json/.md)")
+    return 0
+
+
+def _add_quantize(subparsers):
+    from pathlib import Path
+
+    parser = subparsers.add_parser("quantize", help="INT8 static quantization with calibration and an accuracy gate",
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model", type=Path, required=True, metavar="DIR", help="FP32 tinysam-rt model directory")
+    parser.add_argument("--calib", required=True, metavar="DIR_OR_GLOB",
+                        help="calibration images: a folder holding only images, or a glob like 'photos/*.jpg'")
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="output INT8 model directory")
+    parser.add_argument("--method", choices=("auto", "minmax", "entropy", "percentile"), default="auto",
+                        help="activation calibration; auto measures all three and keeps the closest to FP32")
+    parser.add_argument("--only", choices=("encoder", "decoder"), default=None,
+                        help="quantize one graph and copy the other unchanged (FP32)")
+    parser.add_argument("--min-images", type=positive_int, default=4, metavar="N",
+                        help="calibration images required (besides the held-out ones)")
+    parser.add_argument("--holdout", type=int, default=2, metavar="K",
+                        help="images kept out of calibration for the accuracy gate")
+    parser.add_argument("--synthetic", type=int, default=2, metavar="K", help="synthetic images added to the gate set")
+    parser.add_argument("--no-gate", action="store_true", help="write the model even if the accuracy gate fails")
+    parser.add_argument("--max-excluded", type=int, default=32, metavar="N",
+                        help="most nodes per graph the sensitivity search may keep in float (0: none)")
+    parser.add_argument("--no-reduce-range", action="store_true",
+                        help="8-bit instead of 7-bit weights (only safe on CPUs with VNNI)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of prompt sampling and synthetic images")
+    parser.add_argument("--report", action="store_true", help="print the fidelity and size tables (markdown)")
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="ONNX Runtime intra-op threads (default: one per core)")
+    parser.set_defaults(func=_cmd_quantize)
+
+
 # Subcommands register here; each adds its parser and sets `func`.
-SUBCOMMANDS = [_add_segment, _add_everything, _add_export]
+SUBCOMMANDS = [_add_segment, _add_everything, _add_export, _add_quantize]
 
 
 def build_parser():

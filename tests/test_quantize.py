@@ -1,0 +1,360 @@
+"""tinysam quantize: pure helpers on tiny arrays/graphs, then the real command end to end.
+
+The end-to-end cases quantize the session's random-weight vit_t export on two small synthetic
+images (minutes on 2 cores would be too slow for CI, so prompts are few and the sensitivity
+search is off); the error cases must fail before any slow step and leave no output directory.
+"""
+
+import hashlib
+import importlib.util
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from conftest import synthetic_image
+from tinysam_export import calibration, fidelity, quantize
+from tinysam_rt import cli, prompts
+from tinysam_rt.io import load_image, write_png
+from tinysam_rt.manifest import load_manifest, sha256_file
+from tinysam_rt.predictor import TinySAMPredictor
+
+SMALL = calibration.PromptSampling(points=2, multi_points=1, boxes=1, point_boxes=1, grid_per_side=2, refinements=1, batch=4)
+FAST = quantize.QuantizeConfig(method="minmax", min_images=1, holdout=1, synthetic=0, gate=False, max_excluded=0,
+                               sampling=SMALL)
+
+
+# -- pure helpers -----------------------------------------------------------------------------------
+
+def test_mask_iou_and_cosine():
+    a = np.zeros((3, 4, 4), bool)
+    b = np.zeros((3, 4, 4), bool)
+    a[0, :2], b[0, 1:3] = True, True  # 4 shared of 12 -> 1/3
+    a[1] = b[1] = True
+    np.testing.assert_allclose(fidelity.mask_iou(a, b), [1 / 3, 1.0, 1.0])  # two empty masks agree
+    assert fidelity.cosine(np.ones(5), 2 * np.ones(5)) == pytest.approx(1.0)
+    assert fidelity.cosine(np.array([1.0, 0]), np.array([0, 1.0])) == pytest.approx(0.0)
+    assert fidelity.cosine(np.zeros(3), np.zeros(3)) == 1.0
+
+
+def test_select_best_takes_highest_predicted_iou():
+    low_res = np.arange(2 * 3 * 2 * 2, dtype=np.float32).reshape(2, 3, 2, 2)
+    iou = np.array([[0.1, 0.9, 0.2], [0.7, 0.1, 0.3]], np.float32)
+    best, scores = fidelity.select_best(low_res, iou)
+    np.testing.assert_array_equal(best, low_res[[0, 1], [1, 0]])
+    np.testing.assert_array_equal(scores, iou[[0, 1], [1, 0]])
+
+
+def test_budget_used_is_the_worst_metric():
+    assert fidelity.budget_used({"cosine": 0.004, "mask_iou": 0.01}, {"cosine": 0.008, "mask_iou": 0.02}) == 0.5
+    assert fidelity.budget_used({"mask_iou": 0.03}, {"mask_iou": 0.02}) == pytest.approx(1.5)
+    assert fidelity.budget_used({"cosine": 0.0}, {"cosine": 0.0}) == 0.0
+    assert fidelity.budget_used({"cosine": 1e-6}, {"cosine": 0.0}) == float("inf")
+
+
+def test_exclusion_count_attributes_the_overshoot_proportionally():
+    errors = [0.5, 0.2, 0.2, 0.1]
+    # 2x over budget: half of the error must go; the top node alone carries half.
+    assert quantize.exclusion_count(errors, 0, 2.0) == 1
+    # 4x over: 75 % must go -> 0.5 + 0.2 = 70 % is not enough, 90 % is.
+    assert quantize.exclusion_count(errors, 0, 4.0) == 3
+    # From 1 excluded, 1.5x over among the remaining 0.5: one third must go -> one more node.
+    assert quantize.exclusion_count(errors, 1, 1.5) == 2
+    assert quantize.exclusion_count(errors, 3, 100.0) == 4  # never beyond the list
+
+
+def test_sample_prompts_follow_the_runtime_packing():
+    input_size = (600, 1024)  # (h, w) of a landscape image in the 1024 frame
+    batches = calibration.sample_prompts(input_size, np.random.default_rng(0), calibration.PromptSampling())
+    kinds = {kind for kind, _, _ in batches}
+    assert kinds == {"point", "multi_point", "box", "point_box", "grid", "refine"}
+    total = 0
+    for kind, coords, labels in batches:
+        assert coords.dtype == np.float32 and labels.dtype == np.float32
+        assert coords.shape[:2] == labels.shape and coords.shape[2] == 2 and len(coords) <= 8
+        total += len(coords)
+        xs, ys = coords[..., 0], coords[..., 1]
+        assert (xs >= 0).all() and (xs <= 1024).all() and (ys >= 0).all() and (ys <= 600).all()
+        if kind in ("box", "point_box"):  # a box: corners labelled 2, 3 and no padding point
+            np.testing.assert_array_equal(labels[:, -2:], np.tile([2.0, 3.0], (len(labels), 1)))
+            assert not (labels == prompts.PAD_LABEL).any()
+        else:  # SAM pads point-only prompts with (0, 0) labelled -1
+            np.testing.assert_array_equal(labels[:, -1], prompts.PAD_LABEL)
+            np.testing.assert_array_equal(coords[:, -1], 0.0)
+    sampling = calibration.PromptSampling()
+    assert total == (sampling.points + sampling.multi_points + sampling.boxes + sampling.point_boxes
+                     + sampling.grid_per_side ** 2 + sampling.refinements)
+    # Single points are packed exactly as the predictor packs them.
+    kind, coords, labels = batches[0]
+    packed = prompts.pack_prompt(coords[0, :1], labels[0, :1], None)
+    np.testing.assert_array_equal(packed[0][0], coords[0])
+    np.testing.assert_array_equal(packed[1][0], labels[0])
+
+
+def test_list_images_dir_and_glob(tmp_path):
+    for name in ("b.png", "a.png", ".hidden"):
+        (tmp_path / name).write_bytes(b"x")
+    assert [p.name for p in calibration.list_images(tmp_path)] == ["a.png", "b.png"]
+    assert [p.name for p in calibration.list_images(tmp_path / "b*.png")] == ["b.png"]
+    with pytest.raises(FileNotFoundError, match="matches no file"):
+        calibration.list_images(tmp_path / "*.jpg")
+    with pytest.raises(FileNotFoundError, match="neither a directory nor a glob"):
+        calibration.list_images(tmp_path / "missing")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="holds no files"):
+        calibration.list_images(empty)
+
+
+def test_encoder_input_matches_the_predictor(fp32_model_dir):
+    image = synthetic_image(300, 200, seed=3)
+    manifest = load_manifest(fp32_model_dir)
+    tensor, input_size = calibration.encoder_input(image, manifest.preprocess)
+    predictor = TinySAMPredictor(image, model_dir=fp32_model_dir, cache_size=0)
+    assert input_size == predictor.input_size == (1024, 683)
+    from tinysam_rt.sessions import EncoderSession
+
+    np.testing.assert_array_equal(EncoderSession(manifest.encoder).run(tensor), predictor.embedding.features)
+
+
+def test_store_weights_int8_keeps_float_compute(tmp_path):
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(16, 8)).astype(np.float32)
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [4, 16])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [4, 8])],
+        [onnx.numpy_helper.from_array(w, "w")])
+    src = tmp_path / "mm.onnx"
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), src)
+    assert quantize.store_weights_int8(src, ["mm"], tmp_path / "w8.onnx") == ["mm"]
+    model = onnx.load(tmp_path / "w8.onnx")
+    onnx.checker.check_model(model)
+    stored = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    assert stored["w_w8"].dtype == np.int8 and stored["w_w8_scale"].shape == (8,)  # per output column
+    x = rng.normal(size=(4, 16)).astype(np.float32)
+    (y,) = ort.InferenceSession(str(tmp_path / "w8.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    np.testing.assert_allclose(y, x @ w, atol=0.05 * np.abs(x @ w).max())
+    assert not np.array_equal(y, x @ w)  # really int8 weights, not the float ones
+
+
+def _row_error(out, ref):
+    """Mean over rows of 1 - cosine: every sample counts, however small its values."""
+    return float(np.mean([1 - fidelity.cosine(o, r) for o, r in zip(out, ref)]))
+
+
+class _RelativeError:
+    """A real scorer for a tiny graph: ORT output vs the float graph on fixed inputs."""
+
+    def __init__(self, src, feeds, budget):
+        self.feeds, self.budgets = feeds, {"cosine": budget}
+        session = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"])
+        self.reference = [session.run(None, f)[0] for f in feeds]
+
+    def error(self, path):
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return float(np.mean([_row_error(session.run(None, f)[0], r) for f, r in zip(self.feeds, self.reference)]))
+
+    def budget(self, path):
+        return fidelity.budget_used({"cosine": self.error(path)}, self.budgets)
+
+
+def test_search_keeps_the_sensitive_node_in_float(tmp_path):
+    rng = np.random.default_rng(0)
+    weights = [rng.normal(size=(32, 32)).astype(np.float32) / 6 for _ in range(3)]
+    weights[0][0] = 0.0  # x's spike (below) does not reach h0: only mm0 sees it
+    nodes = [onnx.helper.make_node("MatMul", [i, f"w{k}"], [o], name=f"mm{k}")
+             for k, (i, o) in enumerate((("x", "h0"), ("h0", "h1"), ("h1", "y")))]
+    graph = onnx.helper.make_graph(
+        nodes, "chain", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [64, 32])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [64, 32])],
+        [onnx.numpy_helper.from_array(w, f"w{k}") for k, w in enumerate(weights)])
+    src = tmp_path / "chain.onnx"
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), src)
+    # One spike of 1000 in x: a per-tensor u8 scale for x leaves ~1 level for every other value,
+    # so quantizing mm0's input is what destroys the output of all the other rows.
+    feeds = []
+    for _ in range(4):
+        x = rng.normal(size=(64, 32)).astype(np.float32)
+        x[0, 0] = 1000.0
+        feeds.append({"x": x})
+    prepared = quantize.prepare_graph(src, tmp_path / "chain.prepared.onnx")
+    reader = calibration.FeedReader(len(feeds), feeds.__getitem__)
+    scorer = _RelativeError(src, feeds, budget=0.01)
+    config = quantize.QuantizeConfig(method="minmax")
+    messages = []
+    path, recipe = quantize.search_graph("decoder", prepared, reader, scorer, config, tmp_path, messages.append)
+    assert recipe["budget_used_by_method"]["minmax"] > 1  # all-INT8 misses the budget
+    assert recipe["excluded_nodes"] == ["mm0"] and recipe["budget_used"] <= 1
+    assert next(iter(recipe["sensitivity_top"])) == "mm0"
+    model = onnx.load(str(path))
+    ops = {n.name: n.op_type for n in model.graph.node}
+    assert ops["mm0"] == "MatMul" and "w0_w8_DequantizeLinear" in ops  # float compute, int8 weights
+    assert any("sensitivity of 3 nodes" in m for m in messages)
+
+
+def test_check_config_names_the_field():
+    with pytest.raises(ValueError, match="method must be"):
+        quantize.check_config(quantize.QuantizeConfig(method="kl"))
+    with pytest.raises(ValueError, match="min_images must be an int >= 1"):
+        quantize.check_config(quantize.QuantizeConfig(min_images=0))
+    with pytest.raises(ValueError, match="holdout \\+ synthetic"):
+        quantize.check_config(quantize.QuantizeConfig(holdout=0, synthetic=0))
+
+
+# -- end to end -------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def calib_dir(tmp_path_factory):
+    """Two synthetic images: one for calibration, one held out."""
+    folder = tmp_path_factory.mktemp("calib")
+    write_png(folder / "scene0.png", synthetic_image(480, 640, seed=10))
+    write_png(folder / "scene1.png", synthetic_image(640, 480, seed=11))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def int8_dir(fp32_model_dir, calib_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("int8") / "vit_t-int8"
+    report = quantize.quantize_model(fp32_model_dir, calib_dir, out, FAST)
+    return out, report
+
+
+def test_quantized_model_loads_and_predicts(int8_dir, fp32_model_dir, calib_dir):
+    out, report = int8_dir
+    manifest = load_manifest(out)  # sha256-verified
+    fp32 = load_manifest(fp32_model_dir)
+    assert manifest.encoder.precision == manifest.decoder.precision == "int8-static-qdq"
+    assert manifest.weights_id == fp32.weights_id
+    assert manifest.encoder.path.stat().st_size <= 0.35 * fp32.encoder.path.stat().st_size
+    recipe = manifest.quantization
+    assert recipe["calibration"]["images"] == [
+        {"file": "scene0.png", "sha256": hashlib.sha256((calib_dir / "scene0.png").read_bytes()).hexdigest()}]
+    assert recipe["held_out"] == ["scene1.png"] and recipe["calibration"]["prompts"] == 10  # SMALL: 2+1+1+1+4+1
+    assert recipe["graphs"]["encoder"]["method"] == "minmax"
+    assert recipe["graphs"]["encoder"]["excluded_nodes"] == []
+    assert recipe["versions"]["onnxruntime"] == ort.__version__
+    assert set(recipe["fidelity"]) == {"static", "dynamic"}
+    assert (out / "quantization_report.md").read_text().startswith("# tinysam quantize")
+    image = load_image(calib_dir / "scene1.png")
+    int8 = TinySAMPredictor(image, model_dir=out)
+    masks, scores, low_res = int8.predict(point_coords=[[240, 320]])
+    assert masks.shape == (3, 640, 480) and masks.dtype == bool and scores.shape == (3,) and low_res.shape == (3, 256, 256)
+    reference = TinySAMPredictor(image, model_dir=fp32_model_dir)
+    # Same weights, quantized: embeddings close (the held-out gate numbers are in the report).
+    assert fidelity.cosine(int8.embedding.features, reference.embedding.features) > 0.95
+    assert report["fidelity"]["static"]["embedding_cosine_min"] > 0.95
+
+
+def test_failed_gate_writes_nothing_and_keeps_previous_output(fp32_model_dir, calib_dir, tmp_path):
+    import dataclasses
+
+    out = tmp_path / "int8"
+    out.mkdir()
+    (out / "previous.txt").write_text("kept")
+    impossible = dataclasses.replace(FAST, gate=True, min_mask_iou=1.0, only="decoder")
+    with pytest.raises(RuntimeError, match="accuracy gate failed, nothing written: mean selected-mask IoU"):
+        quantize.quantize_model(fp32_model_dir, calib_dir, out, impossible)
+    assert [p.name for p in out.iterdir()] == ["previous.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["int8"]  # no staging directory left behind
+
+
+# -- bad input: one clear error, nothing written ----------------------------------------------------
+
+def _no_output(tmp_path):
+    return not any(p.name.startswith(("out", ".out")) for p in tmp_path.iterdir())
+
+
+def test_non_image_file_is_named(fp32_model_dir, calib_dir, tmp_path):
+    folder = tmp_path / "calib"
+    folder.mkdir()
+    for p in calib_dir.iterdir():
+        (folder / p.name).write_bytes(p.read_bytes())
+    (folder / "notes.txt").write_text("not an image")
+    with pytest.raises(ValueError, match=r"calibration file .*notes\.txt is not an image"):
+        quantize.quantize_model(fp32_model_dir, folder, tmp_path / "out", FAST)
+    assert _no_output(tmp_path)
+
+
+def test_truncated_image_is_named(fp32_model_dir, calib_dir, tmp_path):
+    folder = tmp_path / "calib"
+    folder.mkdir()
+    (folder / "a.png").write_bytes((calib_dir / "scene0.png").read_bytes())
+    (folder / "b.png").write_bytes((calib_dir / "scene1.png").read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"b\.png is not an image"):
+        quantize.quantize_model(fp32_model_dir, folder, tmp_path / "out", FAST)
+    assert _no_output(tmp_path)
+
+
+def test_too_few_images_is_an_error_not_a_fallback(fp32_model_dir, calib_dir, tmp_path):
+    import dataclasses
+
+    with pytest.raises(ValueError, match="calibration needs at least 5 images, got 2"):
+        quantize.quantize_model(fp32_model_dir, calib_dir, tmp_path / "out", dataclasses.replace(FAST, min_images=4))
+    missing = tmp_path / "nowhere"
+    with pytest.raises(FileNotFoundError, match="neither a directory nor a glob"):
+        quantize.quantize_model(fp32_model_dir, missing, tmp_path / "out", FAST)
+    assert _no_output(tmp_path)
+
+
+def test_model_dir_that_is_not_a_tinysam_model(calib_dir, tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "encoder.onnx").write_bytes(b"\0" * 16)
+    with pytest.raises(FileNotFoundError, match="is .*model a tinysam-rt model dir"):
+        quantize.quantize_model(folder, calib_dir, tmp_path / "out", FAST)
+    (folder / "manifest.json").write_text(json.dumps({"format": "something-else"}))
+    with pytest.raises(ValueError, match="not a tinysam-rt manifest"):
+        quantize.quantize_model(folder, calib_dir, tmp_path / "out", FAST)
+    assert _no_output(tmp_path)
+
+
+def test_corrupt_fp32_graph_is_refused_by_sha256(fp32_model_dir, calib_dir, tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    for p in fp32_model_dir.iterdir():
+        (model / p.name).write_bytes(p.read_bytes())
+    with open(model / "decoder.onnx", "r+b") as f:
+        f.seek(1000)
+        f.write(b"\xff\xff")
+    with pytest.raises(ValueError, match="decoder.onnx: sha256"):
+        quantize.quantize_model(model, calib_dir, tmp_path / "out", FAST)
+    assert _no_output(tmp_path)
+
+
+def test_cli_errors_are_one_line(calib_dir, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "tinysam_rt.cli", "quantize", "--model", str(tmp_path),
+                             "--calib", str(calib_dir), "--out", str(tmp_path / "out")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and "tinysam quantize: error:" in result.stderr
+    assert "tinysam-rt model dir" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_without_onnx_says_what_to_install(calib_dir, tmp_path, monkeypatch, capsys):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnx" else real(name, *a))
+    code = cli.main(["quantize", "--model", str(tmp_path), "--calib", str(calib_dir), "--out", str(tmp_path / "o")])
+    assert code == 1
+    assert "pip install 'tinysam-rt[quantize]'" in capsys.readouterr().err
+
+
+def test_cli_only_decoder_keeps_the_fp32_encoder(fp32_model_dir, calib_dir, tmp_path, capsys):
+    out = tmp_path / "mixed"
+    code = cli.main(["quantize", "--model", str(fp32_model_dir), "--calib", str(calib_dir / "*.png"), "--out", str(out),
+                     "--method", "minmax", "--min-images", "1", "--holdout", "1", "--synthetic", "0",
+                     "--max-excluded", "0", "--no-gate", "--only", "decoder", "--report"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "| vs FP32 |" in captured.out and f"wrote {out}/" in captured.out
+    manifest, fp32 = load_manifest(out), load_manifest(fp32_model_dir)
+    assert manifest.encoder.precision == "fp32" and manifest.encoder.sha256 == fp32.encoder.sha256
+    assert manifest.decoder.precision == "int8-static-qdq"
+    assert list(manifest.quantization["graphs"]) == ["decoder"]
+    assert manifest.quantization["fidelity"]["static"]["embedding_cosine_min"] == 1.0
+    TinySAMPredictor(synthetic_image(64, 64), model_dir=out).predict(box=[4, 4, 40, 50])
