@@ -163,10 +163,16 @@ class _RelativeError:
         return fidelity.budget_used({"cosine": self.error(path)}, self.budgets)
 
 
-def test_search_keeps_the_sensitive_node_in_float(tmp_path):
+def _chain(tmp_path):
+    """x -> mm0 -> mm1 -> mm2 -> y (MatMuls, 32 wide) and 4 feeds whose x has one spike of 1000.
+
+    The spike makes a per-tensor u8 scale for x leave ~1 level for every other value, so
+    quantizing mm0's input destroys every other row's output; mm0's weight row 0 is zero so the
+    spike does not reach h0 and only mm0 is sensitive.
+    """
     rng = np.random.default_rng(0)
     weights = [rng.normal(size=(32, 32)).astype(np.float32) / 6 for _ in range(3)]
-    weights[0][0] = 0.0  # x's spike (below) does not reach h0: only mm0 sees it
+    weights[0][0] = 0.0
     nodes = [onnx.helper.make_node("MatMul", [i, f"w{k}"], [o], name=f"mm{k}")
              for k, (i, o) in enumerate((("x", "h0"), ("h0", "h1"), ("h1", "y")))]
     graph = onnx.helper.make_graph(
@@ -175,13 +181,37 @@ def test_search_keeps_the_sensitive_node_in_float(tmp_path):
         [onnx.numpy_helper.from_array(w, f"w{k}") for k, w in enumerate(weights)])
     src = tmp_path / "chain.onnx"
     onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), src)
-    # One spike of 1000 in x: a per-tensor u8 scale for x leaves ~1 level for every other value,
-    # so quantizing mm0's input is what destroys the output of all the other rows.
     feeds = []
     for _ in range(4):
         x = rng.normal(size=(64, 32)).astype(np.float32)
         x[0, 0] = 1000.0
         feeds.append({"x": x})
+    return src, feeds
+
+
+def _run(path, feed):
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+
+
+def test_quantized_only_restores_float_inputs(tmp_path):
+    src, feeds = _chain(tmp_path)
+    prepared = quantize.prepare_graph(src, tmp_path / "chain.prepared.onnx")
+    reader = calibration.FeedReader(len(feeds), feeds.__getitem__)
+    qdq = quantize.quantize_qdq(prepared, tmp_path / "q.onnx", reader, "minmax", ("MatMul",), (), tmp_path / "r.json")
+    q_model, f_model = onnx.load(str(qdq)), onnx.load(str(prepared))
+    none = quantize.quantized_only(q_model, f_model, set(), ("MatMul",), tmp_path / "none.onnx")
+    every = quantize.quantized_only(q_model, f_model, {"mm0", "mm1", "mm2"}, ("MatMul",), tmp_path / "all.onnx")
+    np.testing.assert_array_equal(_run(none, feeds[0]), _run(src, feeds[0]))  # nothing quantized is left
+    assert {n.op_type for n in onnx.load(str(none)).graph.node} == {"MatMul"}
+    np.testing.assert_array_equal(_run(every, feeds[0]), _run(qdq, feeds[0]))
+    only1 = quantize.quantized_only(q_model, f_model, {"mm1"}, ("MatMul",), tmp_path / "one.onnx")
+    inputs = {n.name: list(n.input) for n in onnx.load(str(only1)).graph.node}
+    assert inputs["mm0"] == ["x", "w0"] and inputs["mm2"] == ["h1", "w2"]
+    assert all(name.endswith("DequantizeLinear_Output") for name in inputs["mm1"])
+
+
+def test_search_keeps_the_sensitive_node_in_float(tmp_path):
+    src, feeds = _chain(tmp_path)
     prepared = quantize.prepare_graph(src, tmp_path / "chain.prepared.onnx")
     reader = calibration.FeedReader(len(feeds), feeds.__getitem__)
     scorer = _RelativeError(src, feeds, budget=0.01)
