@@ -44,7 +44,7 @@ REPO = HERE.parent
 SECTION = "## Everything mode"
 DEFAULT_IMAGE = REPO.parent / "shared" / "images" / "picture1.jpg"
 RSS_IMAGE = REPO.parent / "shared" / "images" / "picture3.jpg"
-BATCH_SIZES = (1, 4, 16, 32, 64, 128)
+BATCH_SIZES = (1, 4, 8, 16, 32, 64, 128)
 SKIP_FRACTIONS = (0.0, 0.25, 0.5, 0.75, 0.9)
 
 
@@ -81,17 +81,20 @@ def bench_decoder(predictor, image, runs, sizes=BATCH_SIZES):
     for b in sizes:  # warm-up: first call at each shape allocates
         predictor.predict_batch(*prompts[b], embedding=embedding)
     times = {b: [] for b in sizes}
+    cpu = {b: [] for b in sizes}
     wait0 = sysinfo.runqueue_wait_s()
     for _ in range(runs):
         for b in sizes:  # round-robin: background load lands on every size alike
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             predictor.predict_batch(*prompts[b], embedding=embedding)
             times[b].append(time.perf_counter() - start)
+            cpu[b].append(time.process_time() - cpu_start)
     rows = []
     for b in sizes:
         s = _stats(times[b])
         rows.append({"batch": b, **s, "ms_per_prompt_p50": s["p50_s"] / b * 1e3,
-                     "ms_per_prompt_min": s["min_s"] / b * 1e3, "prompts_per_s_p50": b / s["p50_s"]})
+                     "ms_per_prompt_min": s["min_s"] / b * 1e3, "prompts_per_s_p50": b / s["p50_s"],
+                     "cpu_ms_per_prompt_p50": float(np.median(cpu[b])) / b * 1e3})
     return {"rows": rows, "runqueue_wait_s": sysinfo.runqueue_wait_s() - wait0}
 
 
@@ -99,11 +102,12 @@ def bench_decoder(predictor, image, runs, sizes=BATCH_SIZES):
 
 
 def _run_ours(predictor, image, config, hierarchical):
-    wait0, start = sysinfo.runqueue_wait_s(), time.perf_counter()
+    wait0, start, cpu_start = sysinfo.runqueue_wait_s(), time.perf_counter(), time.process_time()
     result = TinySAMAutomaticMaskGenerator(predictor, config, hierarchical).run(image)
     seconds = time.perf_counter() - start
     stats = result.stats
-    return {"mode": stats.mode, "seconds": seconds, "decoder_seconds": stats.decoder_seconds,
+    return {"mode": stats.mode, "seconds": seconds, "cpu_seconds": time.process_time() - cpu_start,
+            "decoder_seconds": stats.decoder_seconds,
             "points_run": stats.points_run, "decoder_calls": stats.decoder_calls, "masks": stats.masks,
             "dense_skipped": stats.dense_skipped, "dense_candidates": stats.dense_candidates,
             "runqueue_wait_s": sysinfo.runqueue_wait_s() - wait0}
@@ -113,9 +117,10 @@ def _run_sam(torch_model, image, points_per_side, points_per_batch):
     from segment_anything import SamAutomaticMaskGenerator
 
     generator = SamAutomaticMaskGenerator(torch_model, points_per_side=points_per_side, points_per_batch=points_per_batch)
-    wait0, start = sysinfo.runqueue_wait_s(), time.perf_counter()
+    wait0, start, cpu_start = sysinfo.runqueue_wait_s(), time.perf_counter(), time.process_time()
     records = generator.generate(image)
     return {"mode": "eager SamAutomaticMaskGenerator", "seconds": time.perf_counter() - start,
+            "cpu_seconds": time.process_time() - cpu_start,
             "points_run": points_per_side ** 2, "masks": len(records),
             "runqueue_wait_s": sysinfo.runqueue_wait_s() - wait0}
 
@@ -196,11 +201,11 @@ def rss_image():
 
 RSS_CONFIGS = {
     # SAM's defaults: with random weights almost nothing passes, so this is the decode-only floor.
-    "ours 32x32 defaults": dict(points_per_side=32),
-    "ours 32x32 defaults, points_per_batch=64": dict(points_per_side=32, points_per_batch=64),
+    "ours 32x32 defaults (points_per_batch 16)": dict(points_per_side=32),
+    "ours 32x32, points_per_batch 64 (SAM's default)": dict(points_per_side=32, points_per_batch=64),
     # Every mask of every prompt is upsampled to 1024 x 1024 (IoU filter off, no low-res prefilter)
     # and then rejected on its exact stability: the worst case of the bounded upsampling path.
-    "ours 32x32 upsample every mask": dict(points_per_side=32, pred_iou_thresh=0.0, stability_prefilter_margin=1.0),
+    "ours 32x32 upsample every mask (points_per_batch 16)": dict(points_per_side=32, pred_iou_thresh=0.0, stability_prefilter_margin=1.0),
 }
 
 
@@ -421,7 +426,7 @@ def _build_proposed_decoder(model, reassociate):
     return ProposedDecoder().eval()
 
 
-def bench_proposal(model_dir, threads, image, runs, sizes=(1, 16, 64)):
+def bench_proposal(model_dir, threads, image, runs, sizes=(1, 8, 16, 64)):
     """Time the plain decoder against the two prototypes in ORT, same prompts, round-robin."""
     import warnings
 
@@ -466,6 +471,7 @@ def bench_proposal(model_dir, threads, image, runs, sizes=(1, 16, 64)):
                            "max_abs_iou_diff": float(np.abs(iou - reference[1]).max()),
                            "mask_pixel_agreement": float(((low > 0) == (reference[0] > 0)).mean())}
     times = {(n, b): [] for n in names for b in sizes}
+    cpu = {(n, b): [] for n in names for b in sizes}
     for b in sizes:
         for name in names:
             run(name, *prompts[b])  # warm-up
@@ -473,9 +479,10 @@ def bench_proposal(model_dir, threads, image, runs, sizes=(1, 16, 64)):
     for _ in range(runs):
         for b in sizes:
             for name in names:
-                start = time.perf_counter()
+                start, cpu_start = time.perf_counter(), time.process_time()
                 run(name, *prompts[b])
                 times[(name, b)].append(time.perf_counter() - start)
+                cpu[(name, b)].append(time.process_time() - cpu_start)
     rows = []
     for b in sizes:
         plain = _stats(times[(names[0], b)])
@@ -483,7 +490,9 @@ def bench_proposal(model_dir, threads, image, runs, sizes=(1, 16, 64)):
             s = _stats(times[(name, b)])
             rows.append({"graph": name, "batch": b, **s, "ms_per_prompt_p50": s["p50_s"] / b * 1e3,
                          "ms_per_prompt_min": s["min_s"] / b * 1e3, "speedup_p50": plain["p50_s"] / s["p50_s"],
-                         "speedup_min": plain["min_s"] / s["min_s"]})
+                         "speedup_min": plain["min_s"] / s["min_s"],
+                         "cpu_ms_per_prompt_p50": float(np.median(cpu[(name, b)])) / b * 1e3,
+                         "cpu_speedup": float(np.median(cpu[(names[0], b)]) / np.median(cpu[(name, b)]))})
     return {"rows": rows, "agreement": agreement, "runqueue_wait_s": sysinfo.runqueue_wait_s() - wait0}
 
 
@@ -541,13 +550,14 @@ def render(report):
     parts = []
     if "decoder" in report:
         rows = [[r["batch"], f"{r['p50_s'] * 1e3:.0f}", f"{r['p95_s'] * 1e3:.0f}", f"{r['min_s'] * 1e3:.0f}",
-                 f"{r['ms_per_prompt_p50']:.1f}", f"{r['ms_per_prompt_min']:.1f}", f"{r['prompts_per_s_p50']:.1f}"]
+                 f"{r['ms_per_prompt_p50']:.1f}", f"{r['ms_per_prompt_min']:.1f}", f"{r['prompts_per_s_p50']:.1f}",
+                 f"{r['cpu_ms_per_prompt_p50']:.1f}"]
                 for r in report["decoder"]["rows"]]
         parts.append("Decoder (`predict_batch`, FP32, everything-mode prompts) by batch size, "
                      f"{report['settings']['runs']} runs after one warm-up, round-robin over sizes "
                      f"(run-queue wait during the part: {report['decoder']['runqueue_wait_s']:.1f} s):\n\n"
                      + _table(["batch", "p50 ms/call", "p95 ms/call", "min ms/call", "p50 ms/prompt",
-                               "min ms/prompt", "prompts/s (p50)"], rows))
+                               "min ms/prompt", "prompts/s (p50)", "CPU ms/prompt (p50, all threads)"], rows))
     if "modes" in report:
         modes = report["modes"]
         sam = modes.get("eager SamAutomaticMaskGenerator")
@@ -555,19 +565,23 @@ def render(report):
         for mode, r in modes.items():
             ratio = f"{sam['p50_s'] / r['p50_s']:.1f}x" if sam else "n/a"
             decoder = f"{r['decoder_seconds']:.1f}" if "decoder_seconds" in r else "n/a"
+            cpu_ratio = f"{sam['cpu_seconds'] / r['cpu_seconds']:.1f}x" if sam else "n/a"
             rows.append([mode, r["points_run"], f"{r['p50_s']:.1f}", f"{r['min_s']:.1f}", decoder,
-                         f"{r['points_run'] / r['p50_s']:.1f}", r["masks"], ratio, f"{r['runqueue_wait_s']:.1f}"])
+                         f"{r['points_run'] / r['p50_s']:.1f}", r["masks"], ratio, f"{r['cpu_seconds']:.0f}",
+                         cpu_ratio, f"{r['runqueue_wait_s']:.1f}"])
         parts.append(f"{report['settings']['points_per_side']}x{report['settings']['points_per_side']} on "
                      f"`{report['settings']['image']}` {report['settings']['image_size']}, SAM's default "
                      f"thresholds, encoder included, points_per_batch {report['settings']['points_per_batch']}:\n\n"
                      + _table(["strategy", "prompts run", "p50 s", "min s", "decoder s (1st run)", "prompts/s",
-                               "masks", "eager SAM / this", "run-queue wait s"], rows))
+                               "masks", "eager SAM / this (wall)", "CPU s (1st run)", "eager SAM / this (CPU)",
+                               "run-queue wait s"], rows))
     if "skip" in report:
         base = report["skip"][0]["seconds"]
         rows = [[f"{r['forced_fraction']:.2f}", f"{r['skipped_fraction']:.3f}", r["points_run"], f"{r['seconds']:.1f}",
                  f"{r['decoder_seconds']:.1f}", f"{base / r['seconds']:.2f}x"] for r in report["skip"]]
         std = report.get("modes", {}).get("standard")
-        note = (f" Standard 32x32 in the modes table: {std['p50_s']:.1f} s (p50)." if std else "")
+        side = report["settings"]["points_per_side"]
+        note = (f" Standard {side}x{side} in the table above: {std['p50_s']:.1f} s (p50)." if std else "")
         parts.append("Hierarchical (TinySAM points) with a forced skip fraction (`ForcedCoverage`: the sparse "
                      "masks are replaced by a confident band over the top fraction of the image; the real "
                      "decoder still runs every prompt), one run each:" + note + "\n\n"
@@ -594,7 +608,8 @@ def render(report):
     if "proposal" in report:
         prop = report["proposal"]
         rows = [[r["graph"], r["batch"], f"{r['ms_per_prompt_p50']:.1f}", f"{r['ms_per_prompt_min']:.1f}",
-                 f"{r['batch'] / r['p50_s']:.1f}", f"{r['speedup_p50']:.2f}x", f"{r['speedup_min']:.2f}x"]
+                 f"{r['batch'] / r['p50_s']:.1f}", f"{r['speedup_p50']:.2f}x", f"{r['speedup_min']:.2f}x",
+                 f"{r['cpu_ms_per_prompt_p50']:.1f}", f"{r['cpu_speedup']:.2f}x"]
                 for r in prop["rows"]]
         agree = "; ".join(f"{k}: max |logit diff| {v['max_abs_logit_diff']:.1e}, max |IoU diff| "
                           f"{v['max_abs_iou_diff']:.1e}, mask pixels equal {v['mask_pixel_agreement'] * 100:.4f}%"
@@ -604,29 +619,35 @@ def render(report):
                      f"{report['settings']['runs']} runs (run-queue wait {prop['runqueue_wait_s']:.1f} s). "
                      f"Agreement with the plain graph at B=16: {agree}.\n\n"
                      + _table(["graph", "batch", "p50 ms/prompt", "min ms/prompt", "prompts/s (p50)",
-                               "speed-up p50", "speed-up min"], rows))
+                               "speed-up p50", "speed-up min", "CPU ms/prompt", "speed-up CPU"], rows))
     return "\n\n".join(parts) + "\n"
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", type=Path, required=True, help="FP32 model directory")
+    parser.add_argument("--model", type=Path, default=None, help="FP32 model directory (required unless --render)")
     parser.add_argument("--image", type=Path, default=DEFAULT_IMAGE)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=5, help="timed runs of the decoder part")
     parser.add_argument("--mode-runs", type=int, default=1, help="timed runs of each of our strategies")
     parser.add_argument("--points-per-side", type=int, default=32)
-    parser.add_argument("--points-per-batch", type=int, default=64)
+    parser.add_argument("--points-per-batch", type=int, default=AmgConfig().points_per_batch)
     parser.add_argument("--parts", default="decoder,modes,skip,rss,profile,stability,proposal")
     parser.add_argument("--no-torch", action="store_true", help="skip eager SAM (modes, rss)")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--update-results", action="store_true", help=f"rewrite '{SECTION}' in RESULTS.md")
+    parser.add_argument("--render", type=Path, default=None, metavar="JSON",
+                        help="re-render a saved --json report (no measuring); with --update-results")
     parser.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.rss_child:
         rss_child(args.rss_child, args.model, args.threads)
         return 0
+    if args.render:
+        return _publish(json.loads(args.render.read_text()), args.update_results)
 
+    if args.model is None:
+        parser.error("--model is required")
     parts = set(args.parts.split(","))
     image = load_image(args.image)
     system = sysinfo.system_info()
@@ -662,15 +683,22 @@ def main(argv=None):
     report["load_average_end"] = sysinfo.load_average()
     if args.json:
         atomic_write_text(args.json, json.dumps(report, indent=2) + "\n")
+    return _publish(report, args.update_results)
+
+
+def _publish(report, update_results):
+    """Print the Markdown tables; with update_results, rewrite this benchmark's RESULTS.md section."""
     markdown = render(report)
     sys.stdout.write(markdown)
-    if args.update_results:
+    if update_results:
         sys.path.insert(0, str(HERE))
         from update_results import _machine_line, replace_section
 
+        system = report["system"]
         results = HERE / "RESULTS.md"
         body = "\n\n".join([
-            f"Command ({report['started_at']}):\n\n    {report['command']}",
+            f"Command ({report['started_at']}; the model directory is `tinysam export --random-seed 0`):\n\n"
+            f"    {report['command']}",
             _machine_line(system, system["load_average"], report["load_average_end"]),
             markdown,
         ])

@@ -446,6 +446,18 @@ def test_cli_everything_writes_overlay_and_coco_rle_json(region_predictor, tmp_p
     assert sorted(p.name for p in out.iterdir()) == ["masks.json", "overlay.png"]  # no temp files left
 
 
+def test_cli_everything_defaults_are_the_configs():
+    from tinysam_rt import cli
+
+    args = cli.build_parser().parse_args(["everything", "x.png"])
+    config, hierarchical = AmgConfig(), HierarchicalConfig()
+    assert (args.points_per_side, args.points_per_batch) == (config.points_per_side, config.points_per_batch)
+    assert (args.pred_iou_thresh, args.stability_score_thresh, args.box_nms_thresh) == (
+        config.pred_iou_thresh, config.stability_score_thresh, config.box_nms_thresh)
+    assert (args.high_score_thresh, args.dense_points) == (hierarchical.high_score_thresh, hierarchical.dense_points)
+    assert args.min_mask_region_area == config.min_mask_region_area
+
+
 @pytest.mark.parametrize("args, message", [
     (["--points-per-side", "0"], "positive integer"),
     (["--pred-iou-thresh", "1.5"], r"pred-iou-thresh must be a number in \[0, 1\], got 1.5"),

@@ -219,7 +219,8 @@ def _add_everything(subparsers):
     parser.add_argument("--dense-points", choices=("tinysam", "grid"), default="tinysam",
                         help="hierarchical dense points: TinySAM's published neighbours, or the exact grid")
     parser.add_argument("--points-per-side", type=positive_int, default=32, help="grid points per image side")
-    parser.add_argument("--points-per-batch", type=positive_int, default=64, help="prompts per decoder run")
+    parser.add_argument("--points-per-batch", type=positive_int, default=16,
+                        help="prompts per decoder run (memory grows with it; see benchmarks/RESULTS.md)")
     parser.add_argument("--pred-iou-thresh", type=_float, default=0.88, help="predicted-IoU filter, in [0, 1]")
     parser.add_argument("--stability-score-thresh", type=_float, default=0.95, help="stability filter, in [0, 1]")
     parser.add_argument("--box-nms-thresh", type=_float, default=0.7, help="box NMS IoU, in [0, 1]")
