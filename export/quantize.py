@@ -258,7 +258,9 @@ def quantized_only(quantized, prepared, keep, op_types, out):
     graph = model.graph
     float_nodes = {n.name: n for n in prepared.graph.node}
     float_inits = {i.name: i for i in prepared.graph.initializer}
-    present = {i.name for i in graph.initializer}
+    # Names already defined in the QDQ graph stay as they are: ORT's quantizer keeps a Gemm
+    # bias's own name on its DequantizeLinear output (int32, scale = input x weight scale).
+    present = {i.name for i in graph.initializer} | {o for n in graph.node for o in n.output}
     for node in graph.node:
         if node.op_type in op_types and node.name not in keep and node.name in float_nodes:
             node.ClearField("input")

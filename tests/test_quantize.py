@@ -164,7 +164,8 @@ class _RelativeError:
 
 
 def _chain(tmp_path):
-    """x -> mm0 -> mm1 -> mm2 -> y (MatMuls, 32 wide) and 4 feeds whose x has one spike of 1000.
+    """x -> mm0 -> mm1 -> mm2 -> y (MatMul, MatMul, Gemm with bias; 32 wide) and 4 feeds whose x
+    has one spike of 1000.
 
     The spike makes a per-tensor u8 scale for x leave ~1 level for every other value, so
     quantizing mm0's input destroys every other row's output; mm0's weight row 0 is zero so the
@@ -174,11 +175,13 @@ def _chain(tmp_path):
     weights = [rng.normal(size=(32, 32)).astype(np.float32) / 6 for _ in range(3)]
     weights[0][0] = 0.0
     nodes = [onnx.helper.make_node("MatMul", [i, f"w{k}"], [o], name=f"mm{k}")
-             for k, (i, o) in enumerate((("x", "h0"), ("h0", "h1"), ("h1", "y")))]
+             for k, (i, o) in enumerate((("x", "h0"), ("h0", "h1")))]
+    nodes.append(onnx.helper.make_node("Gemm", ["h1", "w2", "b2"], ["y"], name="mm2"))  # a bias, as linear layers
     graph = onnx.helper.make_graph(
         nodes, "chain", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [64, 32])],
         [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [64, 32])],
-        [onnx.numpy_helper.from_array(w, f"w{k}") for k, w in enumerate(weights)])
+        [onnx.numpy_helper.from_array(w, f"w{k}") for k, w in enumerate(weights)]
+        + [onnx.numpy_helper.from_array(rng.normal(size=32).astype(np.float32), "b2")])
     src = tmp_path / "chain.onnx"
     onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), src)
     feeds = []
@@ -197,16 +200,18 @@ def test_quantized_only_restores_float_inputs(tmp_path):
     src, feeds = _chain(tmp_path)
     prepared = quantize.prepare_graph(src, tmp_path / "chain.prepared.onnx")
     reader = calibration.FeedReader(len(feeds), feeds.__getitem__)
-    qdq = quantize.quantize_qdq(prepared, tmp_path / "q.onnx", reader, "minmax", ("MatMul",), (), tmp_path / "r.json")
+    ops = ("MatMul", "Gemm")
+    qdq = quantize.quantize_qdq(prepared, tmp_path / "q.onnx", reader, "minmax", ops, (), tmp_path / "r.json")
     q_model, f_model = onnx.load(str(qdq)), onnx.load(str(prepared))
-    none = quantize.quantized_only(q_model, f_model, set(), ("MatMul",), tmp_path / "none.onnx")
-    every = quantize.quantized_only(q_model, f_model, {"mm0", "mm1", "mm2"}, ("MatMul",), tmp_path / "all.onnx")
-    np.testing.assert_array_equal(_run(none, feeds[0]), _run(src, feeds[0]))  # nothing quantized is left
-    assert {n.op_type for n in onnx.load(str(none)).graph.node} == {"MatMul"}
+    every = quantize.quantized_only(q_model, f_model, {"mm0", "mm1", "mm2"}, ops, tmp_path / "all.onnx")
     np.testing.assert_array_equal(_run(every, feeds[0]), _run(qdq, feeds[0]))
-    only1 = quantize.quantized_only(q_model, f_model, {"mm1"}, ("MatMul",), tmp_path / "one.onnx")
+    none = quantize.quantized_only(q_model, f_model, set(), ops, tmp_path / "none.onnx")
+    # Only the Gemm bias stays int32 + DequantizeLinear (ORT keeps its name): ~1e-4 off float.
+    np.testing.assert_allclose(_run(none, feeds[0]), _run(src, feeds[0]), rtol=0, atol=1e-3)
+    assert {n.op_type for n in onnx.load(str(none)).graph.node} <= {"MatMul", "Gemm", "DequantizeLinear"}
+    only1 = quantize.quantized_only(q_model, f_model, {"mm1"}, ops, tmp_path / "one.onnx")
     inputs = {n.name: list(n.input) for n in onnx.load(str(only1)).graph.node}
-    assert inputs["mm0"] == ["x", "w0"] and inputs["mm2"] == ["h1", "w2"]
+    assert inputs["mm0"] == ["x", "w0"] and inputs["mm2"][:2] == ["h1", "w2"]
     assert all(name.endswith("DequantizeLinear_Output") for name in inputs["mm1"])
 
 
