@@ -14,8 +14,10 @@ Recipe (every choice measured; numbers and the commands in benchmarks/RESULTS.md
    Only Gemm/MatMul/Conv are quantized (ORT fuses them into QGemm / MatMulIntegerToFloat /
    QLinearConv); Gemm/MatMul outputs stay float, which avoids a Q/DQ pair per linear layer.
 3. Calibration method (MinMax / Entropy / Percentile) picked by measured fidelity on the
-   calibration images; then, if fidelity is short of the target, per-node sensitivity (each
-   node quantized alone) and the most sensitive nodes are kept in float until it holds.
+   calibration images. If that misses the calibration-set share of the gate's error budgets
+   (embedding cosine; selected-mask IoU of each graph with the other in FP32), every node's
+   sensitivity is measured alone and the most sensitive nodes are kept in float - their
+   weights still stored int8 + DequantizeLinear, so the file stays small - until it holds.
 4. Accuracy gate on held-out photos + synthetic images against FP32, beside a
    `quantize_dynamic` baseline; output written only if the gate holds (atomic directory).
 
