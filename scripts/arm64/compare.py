@@ -7,6 +7,7 @@ Prints one line per prompt and a summary; exits 1 when the min mask IoU is below
 
 import argparse
 import json
+import os
 import sys
 
 import numpy as np
@@ -94,9 +95,11 @@ def main(argv=None):
     with np.load(args.reference) as ref, np.load(args.other) as other:
         result = agreement(ref, other)
     print("\n".join(format_report(result, args.label)))
-    if args.json:
-        with open(args.json, "w") as handle:
+    if args.json:  # temp file + rename: never a half-written report
+        tmp = f"{args.json}.tmp"
+        with open(tmp, "w") as handle:
             json.dump(result, handle, indent=1)
+        os.replace(tmp, args.json)
     if result["min_iou"] < args.min_iou:
         print(f"[{args.label}] FAIL: min IoU {result['min_iou']:.5f} < {args.min_iou}", file=sys.stderr)
         return 1

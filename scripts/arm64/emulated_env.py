@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import zipfile
 from email.parser import Parser
@@ -125,6 +126,9 @@ def write_cpuinfo(root, cpu):
     for part in present.split(","):
         lo, _, hi = part.partition("-")
         count += int(hi or lo) - int(lo) + 1
+    # Other -cpu models (max, a64fx, ...) get a Neoverse-N1 description: an ARMv8.2 server core,
+    # close enough for cpuinfo's vendor/uarch tables; the features onnxruntime dispatches on
+    # come from the auxiliary vector, which qemu fills for the emulated core.
     variant, part, revision, features = CPUINFO.get(cpu, CPUINFO["neoverse-n1"])
     entry = ("processor\t: {n}\nBogoMIPS\t: 108.00\nFeatures\t: {f}\nCPU implementer\t: 0x41\n"
              "CPU architecture: 8\nCPU variant\t: {v}\nCPU part\t: {p}\nCPU revision\t: {r}\n\n")
@@ -186,7 +190,7 @@ def build_wheel(repo, out_dir):
     for name in ("tinysam_rt", "export"):
         shutil.copytree(repo / name, src / name, ignore=ignore)
     dist = out_dir / "dist"
-    run_checked([os.environ.get("PYTHON", "python3"), "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+    run_checked([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
                  "-q", "-w", str(dist), str(src)], "building the tinysam-rt wheel")
     shutil.rmtree(src)
     wheels = sorted(dist.glob("tinysam_rt-*.whl"))
@@ -238,7 +242,7 @@ def install_guest_site(cache, requires, progress):
     try:
         progress(f"pip install aarch64 cp{GUEST_PY_VERSION.replace('.', '')} wheels: {' '.join(requires)}")
         platforms = [arg for tag in PLATFORM_TAGS for arg in ("--platform", tag)]
-        run_checked([os.environ.get("PYTHON", "python3"), "-m", "pip", "install", "-q", "--disable-pip-version-check",
+        run_checked([sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check",
                      "--target", str(tmp), *platforms, "--only-binary=:all:", "--python-version", GUEST_PY_VERSION,
                      "--implementation", "cp", *requires], "installing aarch64 wheels")
         (tmp / STAMP).write_text(json.dumps(requires) + "\n")
@@ -253,7 +257,7 @@ def install_guest_site(cache, requires, progress):
 
 def install_wheel_only(wheel, target):
     """The (pure-Python) tinysam-rt wheel alone into `target` (its deps come from the site cache)."""
-    run_checked([os.environ.get("PYTHON", "python3"), "-m", "pip", "install", "-q", "--disable-pip-version-check",
+    run_checked([sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check",
                  "--no-deps", "--target", str(target), str(wheel)], "installing the tinysam-rt wheel")
     return target
 
