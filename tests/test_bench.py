@@ -202,6 +202,7 @@ def test_terminal_and_markdown_tables_show_the_json_numbers(bench_report_json):
     assert f"{stage['p50_s'] * 1e3:.1f}" in stdout
     markdown = bench_report.format_report(report, markdown=True)
     assert "| model | threads | stage | runs | p50 ms |" in markdown
+    assert "| % of fp32 limit | % of int8 limit |" in markdown
     for name in ("preprocess", "encoder", "decoder_1", "decoder B=2", "postprocess", "end_to_end"):
         assert f"| {name} |" in markdown
 
@@ -236,3 +237,18 @@ def test_report_without_optional_parts_still_renders(bench_report_json):
             entry["achieved"] = None
     text = bench_report.format_report(bare)
     assert "encoder" in text and "machine limit (best" not in text
+
+
+def test_merge_limits_keeps_the_better_measurement():
+    from tinysam_rt import bench_run
+
+    def limits(numpy, f32, u8):
+        return {"numpy_float32": {"best_gflops": numpy, "n": 64},
+                "ort_float32": {"1": {"best_gflops": f32, "n": 64}},
+                "ort_u8s8": {"1": {"best_gflops": u8, "n": 64}}}
+
+    merged = bench_run.merge_limits(limits(10.0, 50.0, 300.0), limits(20.0, 40.0, 310.0))
+    assert merged["numpy_float32"]["best_gflops"] == 20.0
+    assert merged["ort_float32"]["1"]["best_gflops"] == 50.0
+    assert merged["ort_float32"]["1"]["best_gflops_samples"] == [50.0, 40.0]
+    assert merged["ort_u8s8"]["1"]["best_gflops"] == 310.0

@@ -180,7 +180,7 @@ def run(args, dirs, image, progress, command):
     report["image"] = {"source": args.image or "generated", "height": image.shape[0], "width": image.shape[1]}
     if not args.no_peak:
         progress(f"machine limit: {args.gemm_n}^3 GEMM, numpy and ORT at threads {threads}")
-    report["machine_limits"] = None if args.no_peak else bench_run.machine_limits(threads, args.gemm_n)
+    limits = None if args.no_peak else bench_run.machine_limits(threads, args.gemm_n)
     loaded = [bench_run.model_info(d) for d in dirs]
     models = [{"label": label, **info, "flops": None, "cold_start": None, "threads": []}
               for label, (_, info) in zip(_labels(dirs, [m for m, _ in loaded]), loaded)]
@@ -198,11 +198,16 @@ def run(args, dirs, image, progress, command):
     for t in threads:
         for model, (manifest, _) in zip(models, loaded):
             progress(f"{model['label']}: {t} thread(s), {args.warmup} warm-up + {args.runs} timed runs per stage")
-            entry = bench_run.measure_threads(manifest, image, t, args.runs, args.warmup, args.batch, args.budget)
-            entry["achieved"] = (bench_run.achieved(entry["stages"], model["flops"], report["machine_limits"], t)
-                                 if model["flops"] else None)
-            model["threads"].append(entry)
+            model["threads"].append(
+                bench_run.measure_threads(manifest, image, t, args.runs, args.warmup, args.batch, args.budget))
+    if limits is not None:
+        progress("machine limit: measuring again after the models (the better of the two is kept)")
+        limits = bench_run.merge_limits(limits, bench_run.machine_limits(threads, args.gemm_n))
+    report["machine_limits"] = limits
     for model in models:
+        for entry in model["threads"]:
+            entry["achieved"] = (bench_run.achieved(entry["stages"], model["flops"], limits, entry["threads"])
+                                 if model["flops"] else None)
         model["thread_scaling"] = bench_report.thread_scaling(model)
     report["models"] = models
     report["comparisons"] = bench_report.comparisons(models)

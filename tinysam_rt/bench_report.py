@@ -136,15 +136,18 @@ def _flops_rows(models):
 def _latency_rows(models):
     rows = []
     for m in models:
+        quantized = m["files"]["encoder"]["precision"] != "fp32"
         for entry in m.get("threads", []):
             for stage, s in entry["stages"].items():
                 ach = (entry.get("achieved") or {}).get(stage, {})
                 name = f"decoder B={s['batch']}" if stage == "decoder_batch" else stage
-                rows.append([m["label"], str(entry["threads"]), name, str(s["runs"]), _ms(s["p50_s"]), _ms(s["p95_s"]), _ms(s["min_s"]),
-                             _num(s["cpu_per_wall"], ".2f"), _ms(s["runqueue_wait_p50_s"]),
-                             _num(ach.get("gflops_per_s_p50"), ".1f"), _num(ach.get("pct_of_ort_float32_peak_p50"), ".0f")])
-    headers = ["model", "threads", "stage", "runs", "p50 ms", "p95 ms", "min ms", "cpu/wall", "run-queue wait p50 ms (all threads)",
-               "GFLOP/s p50", "% of machine limit"]
+                int8_pct = ach.get("pct_of_ort_u8s8_peak_p50") if quantized else None
+                rows.append([m["label"], str(entry["threads"]), name, str(s["runs"]), _ms(s["p50_s"]), _ms(s["p95_s"]),
+                             _ms(s["min_s"]), _num(s["cpu_per_wall"], ".2f"), _ms(s["runqueue_wait_p50_s"]),
+                             _num(ach.get("gflops_per_s_p50"), ".1f"), _num(ach.get("pct_of_ort_float32_peak_p50"), ".0f"),
+                             _num(int8_pct, ".0f")])
+    headers = ["model", "threads", "stage", "runs", "p50 ms", "p95 ms", "min ms", "cpu/wall",
+               "run-queue wait p50 ms (all threads)", "GFLOP/s p50", "% of fp32 limit", "% of int8 limit"]
     return headers, rows
 
 
@@ -197,8 +200,10 @@ def format_report(report, markdown=False):
          "ORT recorded in one unoptimised run; batched MatMul = activation x activation (attention "
          "scores/values, mask hypernetwork); bias adds, norms, softmax, GELU, resizes not counted",
          _flops_rows(models)),
-        ("Warm latency (p50/p95/min over timed runs; cpu/wall ~ threads when uncontended; % of machine "
-         "limit = GFLOP/s p50 / best ORT float32 MatMul GFLOP/s at the same thread count)", _latency_rows(models)),
+        ("Warm latency (p50/p95/min over timed runs; cpu/wall ~ threads when uncontended; % of fp32 "
+         "machine limit = GFLOP/s p50 / best ORT float32 MatMul GFLOP/s at the same thread count; for "
+         "quantized models also % of the u8s8 MatMulInteger GOP/s limit, which bounds a fully integer "
+         "graph)", _latency_rows(models)),
         ("Cold: session creation and first call after it (in this process)", _cold_rows(models)),
         ("Fresh process: time from start to first mask", _process_rows(models)),
     ]

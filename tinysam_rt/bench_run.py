@@ -160,6 +160,24 @@ def machine_limits(threads_list, gemm_n):
     }
 
 
+def merge_limits(first, second):
+    """Per kernel and thread count, the better of two `machine_limits` measurements.
+
+    A limit is the best the machine showed; measuring before and after the model runs keeps one
+    burst of outside load from lowering it (which would inflate every "% of machine limit").
+    Each kept entry lists both measurements' best_gflops under "best_gflops_samples".
+    """
+
+    def better(a, b):
+        kept = dict(max(a, b, key=lambda r: r["best_gflops"]))
+        kept["best_gflops_samples"] = [a["best_gflops"], b["best_gflops"]]
+        return kept
+
+    return {"numpy_float32": better(first["numpy_float32"], second["numpy_float32"]),
+            **{kind: {t: better(first[kind][t], second[kind][t]) for t in first[kind]}
+               for kind in ("ort_float32", "ort_u8s8")}}
+
+
 def measure_threads(manifest, image, threads, runs, warmup, batch, budget_s=None):
     """Cold and warm timings of every stage at one intra-op thread count."""
     pre = manifest.preprocess
