@@ -4,12 +4,13 @@ No binfmt and no chroot: qemu-user is called explicitly with `-L ROOT`, which ma
 absolute paths resolve inside ROOT when the file exists there (its dynamic loader, libc, Python)
 and on the host otherwise (the model, the image, this repository).
 
-Why the fake /proc/cpuinfo: qemu-user before 8.x does not emulate /proc/cpuinfo for aarch64
-guests, so they read the x86-64 host's. onnxruntime's bundled cpuinfo library then finds zero ARM
+Why the fake /proc/cpuinfo: qemu-user 7.2 (Debian bookworm's) does not emulate /proc/cpuinfo for
+aarch64 guests, so they read the x86-64 host's. onnxruntime's bundled cpuinfo library then finds zero ARM
 processors; up to onnxruntime 1.27 it prints "Unknown CPU vendor" and goes on, from 1.28 on it
 dereferences NULL while reading cache topology and the import segfaults. A real board, and
-qemu >= 8 (which emulates the file), show a proper ARM /proc/cpuinfo, so the check writes one that
-matches the emulated core into ROOT/proc/cpuinfo (qemu >= 8 ignores it and serves its own).
+qemu 10.0 (Debian trixie's, which emulates the file), show a proper ARM /proc/cpuinfo, so the check
+writes one that matches the emulated core into ROOT/proc/cpuinfo (a qemu that emulates the file
+serves its own instead).
 
 Every step raises `EnvError` with what failed and how to fix it; the caller exits non-zero.
 """
