@@ -156,8 +156,9 @@ def bench_section(report):
         "\n".join(filter(None, [notes, quantization_lines(report["models"])])),
         bench_summary(report) + _int8_note(report["models"]),
         bench_report.format_report(report, markdown=True),
-        "Raw numbers: `benchmarks/results/bench.json`. Regenerate this section and the next with "
-        f"`python benchmarks/update_results.py {' '.join(report.get('update_command', []))}`.",
+        "Raw numbers: `benchmarks/results/bench.json`. Measure again and rewrite this section and the next "
+        f"with `python benchmarks/update_results.py {' '.join(report.get('update_command', []))}` "
+        "(`--from-json` re-renders them from the JSON without measuring).",
     ] if part.strip())
 
 
@@ -210,7 +211,9 @@ def main(argv=None):
         for name in ("bench.json", "compare_torch.json"):
             if (out / name).exists():
                 report = json.loads((out / name).read_text())
-                missing = {k: v for k, v in stamp.items() if k not in report or (k == "notes" and v)}
+                # the measuring command stays; notes given now replace older ones
+                missing = {k: v for k, v in stamp.items()
+                           if (k not in report and k != "update_command") or (k == "notes" and v)}
                 if missing:
                     _stamp(out / name, **missing)
     else:
