@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tinysam_rt import bench_report, bench_run, postprocess, preprocess, sysinfo
+from tinysam_rt import bench_report, bench_run, preprocess, sysinfo
 from tinysam_rt.atomic import atomic_write_text
 from tinysam_rt.io import load_image
 from tinysam_rt.manifest import load_manifest, sha256_file
