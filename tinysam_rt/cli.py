@@ -6,6 +6,7 @@ time; `--debug` shows the traceback instead.
 """
 
 import argparse
+import math
 import sys
 
 from tinysam_rt import __version__
@@ -30,9 +31,12 @@ def _floats(text, count, what):
     if len(parts) not in count:
         raise argparse.ArgumentTypeError(f"{what} must be {'|'.join(map(str, count))} comma-separated numbers, got {text!r}")
     try:
-        return [float(p) for p in parts]
+        values = [float(p) for p in parts]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{what} must be numbers, got {text!r}") from None
+    if not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"{what} must be finite numbers, got {text!r}")
+    return values
 
 
 def parse_point(text):
@@ -349,16 +353,14 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
-        parser.print_help(sys.stderr)
+        print("tinysam: error: a command is required (see tinysam --help)", file=sys.stderr)
         return EXIT_USAGE
     try:
         return args.func(args)
     except UsageError as exc:
-        if args.debug:
-            raise
         print(f"tinysam {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except (ValueError, TypeError, OSError, RuntimeError) as exc:  # ModelFileError is a ValueError
+    except Exception as exc:  # noqa: BLE001 - ORT's errors derive from Exception only; one line unless --debug
         if args.debug:
             raise
         print(f"tinysam {args.command}: error: {exc}", file=sys.stderr)
