@@ -228,7 +228,7 @@ def test_standard_masks_are_the_decoders_squares_in_the_original_frame(region_pr
         np.zeros((*image_size, 3), np.uint8)
     )
     records = result.records
-    assert result.stats.points_run == 64 and result.stats.decoder_calls == 1
+    assert result.stats.points_run == 64 and result.stats.decoder_calls == -(-64 // AmgConfig().points_per_batch)
     assert len(records) > 0 and len(records) == result.stats.masks
     for record in records:
         x, y = record["point_coords"][0]
