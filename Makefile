@@ -8,7 +8,7 @@ MODEL ?= models/vit_t
 CHECKPOINT ?=
 EXPORT_SOURCE = $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT),--random-seed 0)
 
-.PHONY: demo test install-dev model
+.PHONY: demo test install-dev model bench
 
 demo:
 	$(PIP) install -q -e '.[export]'
@@ -24,3 +24,9 @@ test: install-dev
 
 model:
 	$(PYTHON) -m tinysam_rt.cli export $(EXPORT_SOURCE) --out $(MODEL)
+
+# Regenerates the tinysam-bench and PyTorch-vs-ORT sections of benchmarks/RESULTS.md
+# (add INT8_MODEL=models/vit_t-int8 to put an INT8 model beside FP32).
+INT8_MODEL ?=
+bench:
+	$(PYTHON) benchmarks/update_results.py --model $(MODEL) $(if $(INT8_MODEL),--model $(INT8_MODEL)) --runs 10 --warmup 2
