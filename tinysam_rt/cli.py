@@ -71,6 +71,17 @@ def _add_model_flags(parser):
                         help="ONNX Runtime intra-op threads (default: one per core)")
 
 
+def _model_info(manifest):
+    """What a result JSON records about the model that made it."""
+    return {"dir": str(manifest.model_dir), "weights_id": manifest.weights_id,
+            "encoder": manifest.encoder.precision, "decoder": manifest.decoder.precision}
+
+
+def _warn_if_random(manifest):
+    if manifest.weights_id.startswith("random"):
+        print("note: this model has RANDOM weights (no checkpoint was exported); masks are not meaningful")
+
+
 def _cmd_segment(args):
     import numpy as np
 
@@ -96,8 +107,7 @@ def _cmd_segment(args):
         "best_index": best,
         "best_score": float(scores[best]),
         "mask_area": int(masks[best].sum()),
-        "model": {"dir": str(predictor.manifest.model_dir), "weights_id": predictor.manifest.weights_id,
-                  "encoder": predictor.manifest.encoder.precision, "decoder": predictor.manifest.decoder.precision},
+        "model": _model_info(predictor.manifest),
     }
     overlay = io.overlay_masks(image, masks[best:best + 1])
     out = args.out
@@ -108,8 +118,7 @@ def _cmd_segment(args):
         out / "result.json": io.encode_json(result),
     })
     print(f"best mask score {scores[best]:.3f}, area {result['mask_area']} px -> {out}/mask.png, overlay.png, result.json")
-    if predictor.manifest.weights_id.startswith("random"):
-        print("note: this model has RANDOM weights (no checkpoint was exported); masks are not meaningful")
+    _warn_if_random(predictor.manifest)
     return 0
 
 
@@ -198,8 +207,7 @@ def _cmd_everything(args):
         "config": {k: v for k, v in dataclasses.asdict(config).items() if k != "point_grids"},
         "hierarchical": None if hierarchical is None else dataclasses.asdict(hierarchical),
         "stats": stats,
-        "model": {"dir": str(predictor.manifest.model_dir), "weights_id": predictor.manifest.weights_id,
-                  "encoder": predictor.manifest.encoder.precision, "decoder": predictor.manifest.decoder.precision},
+        "model": _model_info(predictor.manifest),
         "annotations": result.records,  # SAM's records; segmentation is COCO RLE (string counts)
     }
     overlay = _overlay_records(image, result.records)
@@ -207,8 +215,7 @@ def _cmd_everything(args):
     atomic_write_files({args.out / "overlay.png": io.encode_png(overlay), args.out / "masks.json": io.encode_json(report)})
     print(f"{len(result.records)} masks from {stats['points_run']} prompts ({stats['mode']}) "
           f"-> {args.out}/overlay.png, masks.json")
-    if predictor.manifest.weights_id.startswith("random"):
-        print("note: this model has RANDOM weights (no checkpoint was exported); masks are not meaningful")
+    _warn_if_random(predictor.manifest)
     return 0
 
 
