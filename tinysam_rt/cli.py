@@ -356,6 +356,13 @@ def build_parser():
     return parser
 
 
+def _is_user_facing(exc):
+    """Errors a user can act on: bad input, files, memory, and ONNX Runtime's own error types
+    (which derive from Exception only)."""
+    return (isinstance(exc, (ValueError, TypeError, OSError, RuntimeError, MemoryError))
+            or type(exc).__module__.startswith("onnxruntime"))
+
+
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -367,9 +374,9 @@ def main(argv=None):
     except UsageError as exc:
         print(f"tinysam {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except Exception as exc:  # noqa: BLE001 - ORT's errors derive from Exception only; one line unless --debug
-        if args.debug:
-            raise
+    except Exception as exc:
+        if args.debug or not _is_user_facing(exc):
+            raise  # a bug in tinysam-rt: keep the traceback
         print(f"tinysam {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_RUNTIME
     except KeyboardInterrupt:
