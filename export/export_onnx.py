@@ -1,6 +1,7 @@
-"""Export TinySAM vit_t to a tinysam-rt model directory: encoder.onnx, decoder.onnx, manifest.json.
+"""Export TinySAM vit_t to a tinysam-rt model directory: encoder.onnx, decoder.onnx,
+points_decoder.onnx, manifest.json.
 
-Everything is written into a temp directory beside the target, both graphs are loaded and run
+Everything is written into a temp directory beside the target, every graph is loaded and run
 once in ONNX Runtime through the runtime's own manifest and session checks, and only then is the
 directory swapped into place (`tinysam_rt.atomic.atomic_directory`). A failure at any step leaves
 no output and any previous output untouched.
@@ -27,12 +28,13 @@ import torch
 import tinysam_rt
 from tinysam_rt import manifest as manifest_mod
 from tinysam_rt.atomic import atomic_directory
-from tinysam_rt.sessions import DecoderSession, EncoderSession
+from tinysam_rt.sessions import DecoderSession, EncoderSession, PointsDecoderSession
 from tinysam_export.model.build import IMAGE_SIZE, MASK_TOKENS, PIXEL_MEAN, PIXEL_STD, build_tinysam
-from tinysam_export.onnx_wrappers import DecoderOnnx, EncoderOnnx
+from tinysam_export.onnx_wrappers import DecoderOnnx, EncoderOnnx, PointsDecoderOnnx
 
 ENCODER_FILE = "encoder.onnx"
 DECODER_FILE = "decoder.onnx"
+POINTS_DECODER_FILE = "points_decoder.onnx"
 MODEL_NAME = "tinysam_vit_t"
 EXPORTER = "torch.onnx.export (TorchScript tracer, dynamo=False)"
 # Trace the decoder with B and N other than 1 so the tracer cannot specialise a size-1 axis.
@@ -105,15 +107,24 @@ def export_encoder(model, path, opset=17):
                   manifest_mod.ENCODER_OUTPUTS, None, opset)
 
 
+def _dynamic_axes(tensors):
+    """torch.onnx.export's dynamic_axes for contract (name, shape) pairs: the str axes."""
+    return {name: {axis: dim for axis, dim in enumerate(shape) if isinstance(dim, str)}
+            for name, shape in tensors if any(isinstance(dim, str) for dim in shape)}
+
+
 def export_decoder(model, path, opset=17):
     """Write the prompt-encoder + mask-decoder graph (DECODER_INPUTS -> DECODER_OUTPUTS), B and N dynamic."""
-    dynamic_axes = {
-        name: {axis: dim for axis, dim in enumerate(shape) if isinstance(dim, str)}
-        for name, shape in manifest_mod.DECODER_INPUTS + manifest_mod.DECODER_OUTPUTS
-        if any(isinstance(dim, str) for dim in shape)
-    }
     _torch_export(DecoderOnnx(model).eval(), _example_decoder_inputs(TRACE_B, TRACE_N), path,
-                  manifest_mod.DECODER_INPUTS, manifest_mod.DECODER_OUTPUTS, dynamic_axes, opset)
+                  manifest_mod.DECODER_INPUTS, manifest_mod.DECODER_OUTPUTS,
+                  _dynamic_axes(manifest_mod.DECODER_INPUTS + manifest_mod.DECODER_OUTPUTS), opset)
+
+
+def export_points_decoder(model, path, opset=17):
+    """Write the points-only decoder graph (POINTS_DECODER_INPUTS -> POINTS_DECODER_OUTPUTS)."""
+    inputs, outputs = manifest_mod.POINTS_DECODER_INPUTS, manifest_mod.POINTS_DECODER_OUTPUTS
+    _torch_export(PointsDecoderOnnx(model).eval(), _example_decoder_inputs(TRACE_B, TRACE_N)[:3], path,
+                  inputs, outputs, _dynamic_axes(inputs + outputs), opset)
 
 
 def build_manifest(model_dir, weights, opset):
@@ -143,6 +154,8 @@ def build_manifest(model_dir, weights, opset):
                              manifest_mod.ENCODER_INPUTS, manifest_mod.ENCODER_OUTPUTS),
             "decoder": graph("decoder", model_dir / DECODER_FILE, "fp32", weights_id,
                              manifest_mod.DECODER_INPUTS, manifest_mod.DECODER_OUTPUTS),
+            "points_decoder": graph("points_decoder", model_dir / POINTS_DECODER_FILE, "fp32", weights_id,
+                                    manifest_mod.POINTS_DECODER_INPUTS, manifest_mod.POINTS_DECODER_OUTPUTS),
         },
         "quantization": None,
         "export": {
@@ -171,15 +184,21 @@ def smoke_run(model_dir, model):
     manifest = manifest_mod.load_manifest(model_dir)
     encoder = EncoderSession(manifest.encoder)
     decoder = DecoderSession(manifest.decoder)
+    points_decoder = PointsDecoderSession(manifest.points_decoder)
     image = torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(1))
     embeddings = encoder.run(image.numpy())  # (1, 256, 64, 64)
     prompts = _example_decoder_inputs(TRACE_B + 1, TRACE_N + 1)[1:]  # a B and N not traced with
     masks, iou = decoder.run(embeddings, *(t.numpy() for t in prompts))
+    points_masks, points_iou = points_decoder.run(embeddings, *(t.numpy() for t in prompts[:2]))
+    no_mask = (prompts[2], torch.zeros_like(prompts[3]))
     with torch.no_grad():
         want_masks, want_iou = DecoderOnnx(model)(torch.from_numpy(embeddings), *prompts)
+        # The points decoder must equal the plain decoder without mask inputs.
+        want_points = DecoderOnnx(model)(torch.from_numpy(embeddings), *prompts[:2], *no_mask)
         expected = {"image_embeddings": EncoderOnnx(model)(image), "low_res_masks": want_masks,
-                    "iou_predictions": want_iou}
-    for (name, want), got in zip(expected.items(), (embeddings, masks, iou)):
+                    "iou_predictions": want_iou, "points_decoder low_res_masks": want_points[0],
+                    "points_decoder iou_predictions": want_points[1]}
+    for (name, want), got in zip(expected.items(), (embeddings, masks, iou, points_masks, points_iou)):
         want = want.numpy()
         if got.shape != want.shape or not np.isfinite(got).all():
             raise RuntimeError(f"smoke run of {model_dir}: {name} has shape {got.shape} (expected {want.shape}) "
@@ -213,6 +232,7 @@ def export_model(out_dir, checkpoint=None, seed=0, opset=17):
     with atomic_directory(out_dir) as tmp:
         export_encoder(model, tmp / ENCODER_FILE, opset)
         export_decoder(model, tmp / DECODER_FILE, opset)
+        export_points_decoder(model, tmp / POINTS_DECODER_FILE, opset)
         doc = build_manifest(tmp, weights, opset)
         (tmp / manifest_mod.MANIFEST_NAME).write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
         smoke_run(tmp, model)
@@ -234,7 +254,7 @@ def main(argv=None):
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(f"wrote {path.parent}/ ({ENCODER_FILE}, {DECODER_FILE}, {manifest_mod.MANIFEST_NAME})")
+    print(f"wrote {path.parent}/ ({ENCODER_FILE}, {DECODER_FILE}, {POINTS_DECODER_FILE}, {manifest_mod.MANIFEST_NAME})")
     return 0
 
 

@@ -6,10 +6,17 @@ prompts and the number N of points are both dynamic; the image embedding is shar
 prompts through `expand` (no copies); `has_mask_input` is per prompt (B,); only TinySAM's tokens
 1..3 are returned; no resizing to the original image (the runtime does that in numpy).
 
+`PointsDecoderOnnx` is a second decoder graph for prompts without a mask input (points and boxes,
+which is every everything-mode prompt and most interactive ones). It computes the same function
+with less work per prompt; see its docstring for the algebra.
+
 These modules exist only to be traced by `torch.onnx.export`; use `build_tinysam` for eager use.
 """
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from tinysam_export.model.build import MASK_TOKENS
@@ -85,15 +92,14 @@ class DecoderOnnx(nn.Module):
         src = image_embeddings.expand(B, -1, -1, -1) + dense_embeddings  # (B, 256, 64, 64)
         pos_src = self.prompt_encoder.get_dense_pe().expand(B, -1, -1, -1)  # (B, 256, 64, 64)
         # Static sizes from the config, so the graph does no shape arithmetic for them.
-        C, (H, W) = decoder.transformer_dim, self.prompt_encoder.image_embedding_size
+        H, W = self.prompt_encoder.image_embedding_size
         hs, src = decoder.transformer(src, pos_src, tokens)  # (B, 5+N, 256), (B, 64*64, 256)
         iou_token_out = hs[:, 0, :]  # (B, 256)
         mask_tokens_out = hs[:, 1 : 1 + decoder.num_mask_tokens, :]  # (B, 4, 256)
-        upscaled = decoder.output_upscaling(src.transpose(1, 2).reshape(-1, C, H, W))  # (B, 32, 256, 256)
         hyper_in = torch.stack(
             [decoder.output_hypernetworks_mlps[i](mask_tokens_out[:, i, :]) for i in MASK_TOKENS], dim=1
         )  # (B, 3, 32)
-        masks = (hyper_in @ upscaled.flatten(2)).reshape(-1, len(MASK_TOKENS), 4 * H, 4 * W)
+        masks = upscale_masks(decoder, src, hyper_in, (H, W))  # (B, 3, 256, 256)
         iou_pred = decoder.iou_prediction_head(iou_token_out)[:, MASK_TOKENS[0] :]  # (B, 3)
         return masks, iou_pred
 
@@ -113,3 +119,154 @@ class DecoderOnnx(nn.Module):
         sparse = self.embed_points(point_coords, point_labels)
         dense = self.embed_masks(mask_input, has_mask_input)
         return self.predict_masks(image_embeddings, sparse, dense)
+
+
+def _heads(x, num_heads):
+    """(B, L, C) -> (B, h, L, C / h), as SAM's `Attention._separate_heads`."""
+    return x.reshape(x.shape[0], x.shape[1], num_heads, -1).transpose(1, 2)
+
+
+def _tokens_to_image(attn, q_in, key_src, value_src):
+    """SAM `Attention(q=q_in, k=key_src, v=value_src)` for T tokens attending to L image positions,
+    with the image-side projections multiplied through the tokens instead (exact algebra).
+
+    scores_h = (q_h W_k,h) X^T (q_h . b_k,h is constant along the softmax axis and drops out);
+    out_h = (A_h V) W_v,h^T + b_v,h, because every row of A_h sums to 1.
+
+    Args:
+        q_in: (B, T, 256); key_src, value_src: (B, L, 256).
+    Returns:
+        (B, T, 256).
+    """
+    h, d = attn.num_heads, attn.internal_dim // attn.num_heads
+    b, t = q_in.shape[0], q_in.shape[1]
+    q = _heads(attn.q_proj(q_in), h)  # (B, h, T, d)
+    q_img = (q @ attn.k_proj.weight.reshape(h, d, -1)).reshape(b, h * t, -1)  # (B, hT, 256)
+    scores = (q_img @ key_src.transpose(1, 2)) / math.sqrt(d)  # (B, hT, L)
+    mixed = (torch.softmax(scores, dim=-1) @ value_src).reshape(b, h, t, -1)  # (B, h, T, 256)
+    out = mixed @ attn.v_proj.weight.reshape(h, d, -1).transpose(1, 2) + attn.v_proj.bias.reshape(1, h, 1, d)
+    return attn.out_proj(out.transpose(1, 2).reshape(b, t, h * d))  # (B, T, 256)
+
+
+def _image_to_tokens(attn, query_src, k_in, v_in, shared_q=None):
+    """SAM `Attention(q=query_src, k=k_in, v=v_in)` for L image positions attending to T tokens,
+    with the image-side projections multiplied through the tokens instead (exact algebra).
+
+    scores_h = X (W_q,h^T k_h^T) + b_q,h . k_h; out = sum_h A_h (v_h W_o,h^T + b_o / h), as every
+    head's weights sum to 1. The 1/sqrt(d) scale is applied to k, on the small token side.
+
+    Args:
+        query_src: (B, L, 256), or None with `shared_q`.
+        k_in, v_in: (B, T, 256).
+        shared_q: (1, h, L, d) q projection computed once for the batch, or None.
+    Returns:
+        (B, L, 256).
+    """
+    h, d = attn.num_heads, attn.internal_dim // attn.num_heads
+    b, t = k_in.shape[0], k_in.shape[1]
+    k = _heads(attn.k_proj(k_in), h) / math.sqrt(d)  # (B, h, T, d)
+    if shared_q is not None:
+        scores = (shared_q @ k.transpose(2, 3)).permute(0, 2, 1, 3)  # (B, L, h, T)
+    else:
+        k_img = (k @ attn.q_proj.weight.reshape(h, d, -1)).reshape(b, h * t, -1)  # (B, hT, 256)
+        bias = (k * attn.q_proj.bias.reshape(1, h, 1, d)).sum(-1).reshape(b, 1, h * t)  # (B, 1, hT)
+        scores = (query_src @ k_img.transpose(1, 2) + bias).reshape(b, -1, h, t)  # (B, L, h, T)
+    weights = torch.softmax(scores, dim=-1).reshape(b, -1, h * t)  # (B, L, hT)
+    v = _heads(attn.v_proj(v_in), h)  # (B, h, T, d)
+    v_out = v @ attn.out_proj.weight.reshape(-1, h, d).permute(1, 2, 0) + attn.out_proj.bias / h  # (B, h, T, 256)
+    return weights @ v_out.reshape(b, h * t, -1)  # (B, L, 256)
+
+
+def upscale_masks(decoder, src, hyper_in, size):
+    """SAM's `output_upscaling` + hypernetwork product, channels-last, as two GEMMs.
+
+    Each ConvTranspose2d(kernel 2, stride 2) writes disjoint 2x2 blocks, so it is one GEMM from
+    C_in to (2, 2, C_out) per position; LayerNorm2d is then a plain LayerNorm over the last axis.
+    The masks come out in block order and one transpose puts the pixels in place.
+
+    Args:
+        src: (B, H*W, 256) image tokens after the transformer, row-major over (H, W).
+        hyper_in: (B, M, 32) hypernetwork outputs of the M kept mask tokens.
+        size: (H, W) of the embedding grid, (64, 64).
+    Returns:
+        (B, M, 4H, 4W) mask logits.
+    """
+    conv1, norm, _, conv2, _ = decoder.output_upscaling
+    (h, w), b, m = size, src.shape[0], hyper_in.shape[1]
+    c1, c2 = conv1.out_channels, conv2.out_channels  # 64, 32
+    w1 = conv1.weight.permute(0, 2, 3, 1).reshape(conv1.in_channels, 4 * c1)  # (256, (i1, j1, c1))
+    y = src.reshape(-1, conv1.in_channels) @ w1 + conv1.bias.repeat(4)  # (B*HW, 4*c1)
+    y = F.gelu(F.layer_norm(y.reshape(-1, c1), (c1,), norm.weight, norm.bias, norm.eps))  # (B*HW*4, c1)
+    w2 = conv2.weight.permute(0, 2, 3, 1).reshape(c1, 4 * c2)  # (64, (i2, j2, c2))
+    y = F.gelu(y @ w2 + conv2.bias.repeat(4)).reshape(b, -1, c2)  # (B, HW*16, c2), (h, w, i1, j1, i2, j2)
+    masks = hyper_in @ y.transpose(1, 2)  # (B, M, HW*16)
+    masks = masks.reshape(b, m, h, w, 2, 2, 2, 2).permute(0, 1, 2, 4, 6, 3, 5, 7)  # (B, M, h, i1, i2, w, j1, j2)
+    return masks.reshape(b, m, 4 * h, 4 * w)
+
+
+class PointsDecoderOnnx(nn.Module):
+    """`DecoderOnnx` for prompts without a mask input, with less work per prompt (see forward)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.decoder = DecoderOnnx(model)
+
+    def forward(self, image_embeddings, point_coords, point_labels):
+        """`DecoderOnnx.forward` with has_mask_input = 0 for every prompt (POINTS_DECODER_INPUTS).
+
+        Without a mask input every prompt sees the same image side (embedding + no-mask embedding,
+        positional encoding), so layer 0's image-side k/v (tokens -> image) and q (image -> tokens)
+        projections run once per batch and broadcast over the B prompts. After layer 0 the image
+        side differs per prompt; there every image-side projection (4096 x 256 x 128 MACs) is
+        multiplied through the 5 + N tokens instead (4096 x 256 x 8(5 + N)), which is cheaper
+        while N < 11. Only the order of summation differs from SAM's decoder.
+
+        Args:
+            image_embeddings: (1, 256, 64, 64) float32.
+            point_coords: (B, N, 2) float32, XY pixels, 1024 frame (padding rule as DecoderOnnx).
+            point_labels: (B, N) float32; 1 fg, 0 bg, 2/3 box corners, -1 padding.
+        Returns:
+            low_res_masks (B, 3, 256, 256) float32 logits, iou_predictions (B, 3) float32.
+        """
+        base, decoder = self.decoder, self.decoder.mask_decoder
+        prompt, transformer = base.prompt_encoder, decoder.transformer
+        layer0, layer1 = transformer.layers
+        tokens = base.embed_points(point_coords, point_labels)  # (B, N, 256)
+        b = tokens.shape[0]
+        output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)  # (5, 256)
+        tokens = torch.cat([output_tokens.unsqueeze(0).expand(b, -1, -1), tokens], dim=1)  # (B, T, 256)
+        no_mask = prompt.no_mask_embed.weight.reshape(1, -1, 1, 1)
+        image = (image_embeddings + no_mask).flatten(2).transpose(1, 2)  # (1, 4096, 256)
+        pos = prompt.get_dense_pe().flatten(2).transpose(1, 2)  # (1, 4096, 256)
+
+        # Layer 0 (skip_first_layer_pe): the image side is shared by the batch.
+        queries = layer0.norm1(layer0.self_attn(q=tokens, k=tokens, v=tokens))  # (B, T, 256)
+        attn = layer0.cross_attn_token_to_image
+        h, d = attn.num_heads, attn.internal_dim // attn.num_heads
+        k = _heads(attn.k_proj(image + pos), h)  # (1, h, 4096, d)
+        v = _heads(attn.v_proj(image), h)
+        q = _heads(attn.q_proj(queries + tokens), h)  # (B, h, T, d)
+        mixed = torch.softmax(q @ k.transpose(2, 3) / math.sqrt(d), dim=-1) @ v  # (B, h, T, d)
+        queries = layer0.norm2(queries + attn.out_proj(mixed.transpose(1, 2).reshape(b, -1, h * d)))
+        queries = layer0.norm3(queries + layer0.mlp(queries))
+        attn = layer0.cross_attn_image_to_token
+        shared_q = _heads(attn.q_proj(image + pos), attn.num_heads)  # (1, h, 4096, d)
+        keys = layer0.norm4(image + _image_to_tokens(attn, None, queries + tokens, queries, shared_q))  # (B, 4096, 256)
+
+        # Layer 1 and the final attention: per prompt, reassociated through the tokens.
+        q = queries + tokens
+        queries = layer1.norm1(queries + layer1.self_attn(q=q, k=q, v=queries))
+        attended = _tokens_to_image(layer1.cross_attn_token_to_image, queries + tokens, keys + pos, keys)
+        queries = layer1.norm2(queries + attended)
+        queries = layer1.norm3(queries + layer1.mlp(queries))
+        attended = _image_to_tokens(layer1.cross_attn_image_to_token, keys + pos, queries + tokens, queries)
+        keys = layer1.norm4(keys + attended)
+        attended = _tokens_to_image(transformer.final_attn_token_to_image, queries + tokens, keys + pos, keys)
+        queries = transformer.norm_final_attn(queries + attended)  # (B, T, 256)
+
+        hyper_in = torch.stack(
+            [decoder.output_hypernetworks_mlps[i](queries[:, 1 + i, :]) for i in MASK_TOKENS], dim=1
+        )  # (B, 3, 32); token i of the 4 mask tokens sits at 1 + i after the IoU token
+        masks = upscale_masks(decoder, keys, hyper_in, prompt.image_embedding_size)
+        iou_pred = decoder.iou_prediction_head(queries[:, 0, :])[:, MASK_TOKENS[0] :]  # (B, 3)
+        return masks, iou_pred

@@ -475,7 +475,9 @@ def _write_manifest(staging, manifest, graphs, recipe):
     """manifest.json of the INT8 directory: the FP32 one with new graph entries and the recipe."""
     doc = copy.deepcopy(manifest.raw)
     contract = {"encoder": (manifest_mod.ENCODER_INPUTS, manifest_mod.ENCODER_OUTPUTS),
-                "decoder": (manifest_mod.DECODER_INPUTS, manifest_mod.DECODER_OUTPUTS)}
+                "decoder": (manifest_mod.DECODER_INPUTS, manifest_mod.DECODER_OUTPUTS),
+                "points_decoder": (manifest_mod.POINTS_DECODER_INPUTS, manifest_mod.POINTS_DECODER_OUTPUTS)}
+    doc["graphs"].pop("points_decoder", None)  # kept only when `graphs` has it (decoder not quantized)
     for role, (path, precision) in graphs.items():
         doc["graphs"][role] = manifest_mod.graph_entry(role, path, precision, manifest.weights_id, *contract[role])
     doc["quantization"] = recipe
@@ -543,6 +545,11 @@ def quantize_model(model_dir, calib, out_dir, config=QuantizeConfig(), progress=
             if role not in graphs:  # --only: the other graph is copied unchanged
                 spec = getattr(manifest, role)
                 graphs[role] = (shutil.copyfile(spec.path, staging / spec.path.name), spec.precision)
+        # The FP32 points decoder stays only beside the FP32 decoder: next to an INT8 decoder it
+        # would take every prompt without a mask input and the INT8 decoder would never run.
+        points = manifest.points_decoder
+        if points is not None and "decoder" not in roles:
+            graphs["points_decoder"] = (shutil.copyfile(points.path, staging / points.path.name), points.precision)
         held = [(img.path.name, io.load_image(img.path)) for img in held_images]
         held += [(f"synthetic-{k}", calibration.synthetic_image(768 + 64 * k, 1024 - 96 * k, config.seed + k))
                  for k in range(config.synthetic)]
@@ -566,6 +573,8 @@ def quantize_model(model_dir, calib, out_dir, config=QuantizeConfig(), progress=
             "model": manifest.model,
             "weights_id": manifest.weights_id,
             "source": {"encoder_sha256": manifest.encoder.sha256, "decoder_sha256": manifest.decoder.sha256},
+            "points_decoder": ("copied (decoder not quantized)" if "points_decoder" in graphs else
+                               "dropped: the INT8 decoder serves every prompt" if points is not None else None),
             "format": "QDQ",
             "graphs": recipes,
             "calibration": {

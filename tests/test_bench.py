@@ -187,8 +187,15 @@ def test_flops_are_consistent_and_near_the_published_figure(bench_report_json):
         assert sum(flops[key]["by_kind"].values()) == flops[key]["macs"]
         assert flops[key]["uncountable_heavy_ops"] == {}
     assert flops["decoder_batch"]["batch"] == 2
-    # every decoder MAC is per prompt (embeddings are repeated per prompt), up to tiny shared parts
-    assert flops["decoder_batch"]["macs"] == pytest.approx(2 * flops["decoder_1"]["macs"], rel=0.01)
+    # Point prompts are counted on the graph that serves them: the points decoder, which runs
+    # layer 0's image side once per call, so the second prompt costs less than the first.
+    assert flops["decoder_1"]["graph"] == flops["decoder_batch"]["graph"] == "points_decoder"
+    shared = 2 * flops["decoder_1"]["macs"] - flops["decoder_batch"]["macs"]
+    per_prompt = flops["decoder_batch"]["macs"] - flops["decoder_1"]["macs"]
+    # 3 of layer 0's 4096 x 256 x 128 image-side projections are shared (~0.4 GMAC);
+    # about 0.85 GMAC stays per prompt (vs 1.83 in the plain decoder).
+    assert shared == pytest.approx(3 * 4096 * 256 * 128, rel=0.05)
+    assert 0.7e9 < per_prompt < 1.0e9
     assert flops["encoder"]["by_kind"]["matmul_batched"] > 0  # window attention is counted
     # TinySAM reports 42.0 G "FLOPs" = multiply-accumulates; our count of the same graph is close.
     assert 0.9 < flops["published"]["ours_over_published"] < 1.1

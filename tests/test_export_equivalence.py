@@ -16,7 +16,7 @@ pytest.importorskip("segment_anything", reason="needs the dev extra (segment_any
 from tinysam_export import export_onnx  # noqa: E402
 from tinysam_export.model.build import PIXEL_MEAN, PIXEL_STD, build_tinysam, save_random_checkpoint  # noqa: E402
 from tinysam_rt.manifest import load_manifest, sha256_file  # noqa: E402
-from tinysam_rt.sessions import DecoderSession, EncoderSession  # noqa: E402
+from tinysam_rt.sessions import DecoderSession, EncoderSession, PointsDecoderSession, PromptDecoder  # noqa: E402
 
 pytestmark = pytest.mark.torch
 TOLERANCE = 1e-4  # max abs difference, fp32 ORT vs fp32 PyTorch on CPU
@@ -47,9 +47,11 @@ def decoder(manifest):
 
 def test_manifest_describes_the_export(fp32_model_dir, manifest):
     doc = manifest.raw
-    assert sorted(p.name for p in fp32_model_dir.iterdir()) == ["decoder.onnx", "encoder.onnx", "manifest.json"]
+    assert sorted(p.name for p in fp32_model_dir.iterdir()) == ["decoder.onnx", "encoder.onnx", "manifest.json",
+                                                                "points_decoder.onnx"]
     assert doc["weights"] == {"source": "random", "checkpoint_sha256": None, "seed": 0, "weights_id": "random-seed-0"}
-    assert manifest.weights_id == manifest.encoder.weights_id == manifest.decoder.weights_id == "random-seed-0"
+    assert {g.weights_id for g in manifest.graphs} == {manifest.weights_id} == {"random-seed-0"}
+    assert [s.name for s in manifest.points_decoder.inputs] == ["image_embeddings", "point_coords", "point_labels"]
     assert doc["opset"] == 17 and doc["export"]["opset"] == 17
     assert doc["export"]["torch"] == torch.__version__ and "dynamo=False" in doc["export"]["exporter"]
     assert doc["preprocess"]["resize_filter"] == "bilinear_antialias"
@@ -59,9 +61,10 @@ def test_manifest_describes_the_export(fp32_model_dir, manifest):
     # ~6.0M encoder parameters (without the unused classifier head) in fp32, ~4.0M decoder ones.
     assert 20e6 < doc["graphs"]["encoder"]["bytes"] < 32e6
     assert 12e6 < doc["graphs"]["decoder"]["bytes"] < 22e6
+    assert 12e6 < doc["graphs"]["points_decoder"]["bytes"] < 22e6
 
 
-@pytest.mark.parametrize("role", ["encoder", "decoder"])
+@pytest.mark.parametrize("role", ["encoder", "decoder", "points_decoder"])
 def test_graphs_have_no_merged_initializers(manifest, role):
     """Every weight is distinct, so the exporter merged none into Identity nodes (quantize needs that)."""
     onnx = pytest.importorskip("onnx", reason="needs onnx")
@@ -134,6 +137,80 @@ def test_decoder_matches_sam_predictor_path(torch_model, torch_embeddings, decod
     assert 0.0 < (low_res > 0).mean() < 1.0  # random weights still give masks, not all-one-sign logits
 
 
+def _sam_decoder(torch_model, torch_embeddings, coords, labels, boxes, masks):
+    """SamPredictor's decoder path: (B, 3, 256, 256) logits and (B, 3) predicted IoU as numpy."""
+    with torch.no_grad():
+        sparse, dense = torch_model.prompt_encoder(points=(coords, labels), boxes=boxes, masks=masks)
+        low_res, iou = torch_model.mask_decoder(
+            image_embeddings=torch_embeddings, image_pe=torch_model.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=True)
+    return low_res.numpy(), iou.numpy()
+
+
+@pytest.fixture(scope="module")
+def points_decoder(manifest):
+    return PointsDecoderSession(manifest.points_decoder, threads=2)
+
+
+@pytest.mark.parametrize("with_box", [False, True], ids=["no_box", "box"])
+@pytest.mark.parametrize("num_points", [1, 3, 12])
+@pytest.mark.parametrize("batch", [1, 5])
+def test_points_decoder_matches_sam_predictor_path(torch_model, torch_embeddings, points_decoder, batch,
+                                                   num_points, with_box):
+    """The points graph (shared layer 0, reassociated projections, GEMM upscaler) is SAM's decoder.
+
+    12 points go past the token count where the reassociation stops saving work: still exact.
+    """
+    coords, labels, boxes, _ = _prompts(batch, num_points, with_box, False, seed=batch * 100 + num_points)
+    expected_masks, expected_iou = _sam_decoder(torch_model, torch_embeddings, coords, labels, boxes, None)
+    feeds = _decoder_feeds(coords, labels, boxes, None)
+    low_res, iou = points_decoder.run(torch_embeddings.numpy(), feeds["point_coords"], feeds["point_labels"])
+    assert low_res.shape == (batch, 3, 256, 256) and iou.shape == (batch, 3)
+    assert np.abs(low_res - expected_masks).max() <= TOLERANCE
+    assert np.abs(iou - expected_iou).max() <= TOLERANCE
+
+
+class _RecordingDecoder(DecoderSession):
+    """A real DecoderSession that records that it ran (to see which graph PromptDecoder picked)."""
+
+    calls = 0
+
+    def run(self, *args, **kwargs):
+        self.calls += 1
+        return super().run(*args, **kwargs)
+
+
+class _RecordingPointsDecoder(PointsDecoderSession):
+    calls = 0
+
+    def run(self, *args, **kwargs):
+        self.calls += 1
+        return super().run(*args, **kwargs)
+
+
+def test_prompt_decoder_routes_by_mask_input(manifest, torch_model, torch_embeddings):
+    decoder = PromptDecoder(_RecordingDecoder(manifest.decoder, 2), _RecordingPointsDecoder(manifest.points_decoder, 2))
+    embeddings = torch_embeddings.numpy()
+    coords, labels, _, masks = _prompts(3, 2, False, True, seed=7)
+    without = _decoder_feeds(coords, labels, None, None)
+    low_res, iou = decoder.run(embeddings, **without)
+    assert (decoder.points_decoder.calls, decoder.decoder.calls) == (1, 0)
+    plain = decoder.decoder.run(embeddings, **without)
+    assert np.abs(low_res - plain[0]).max() <= TOLERANCE and np.abs(iou - plain[1]).max() <= TOLERANCE
+    # One prompt of the batch with a mask input: the whole batch goes to the full decoder.
+    mixed = _decoder_feeds(coords, labels, None, masks)
+    mixed["has_mask_input"][:2] = 0
+    decoder.decoder.calls = 0
+    low_res, _ = decoder.run(embeddings, **mixed)
+    assert (decoder.points_decoder.calls, decoder.decoder.calls) == (1, 1)
+    expected, _ = _sam_decoder(torch_model, torch_embeddings, coords[2:], labels[2:], None, masks[2:])
+    assert np.abs(low_res[2:] - expected).max() <= TOLERANCE
+    # A model directory without a points decoder serves every prompt with the decoder.
+    alone = PromptDecoder(_RecordingDecoder(manifest.decoder, 2))
+    alone.run(embeddings, **without)
+    assert alone.decoder.calls == 1
+
+
 def test_checkpoint_export_records_its_sha256_and_equals_the_seed_export(tmp_path, manifest):
     checkpoint = save_random_checkpoint(tmp_path / "seed0.pth", seed=0)
     path = export_onnx.export_model(tmp_path / "from_ckpt", checkpoint=checkpoint, seed=None)
@@ -141,10 +218,9 @@ def test_checkpoint_export_records_its_sha256_and_equals_the_seed_export(tmp_pat
     digest = sha256_file(checkpoint)
     assert from_ckpt.raw["weights"] == {"source": "checkpoint", "checkpoint_sha256": digest, "seed": None,
                                         "weights_id": f"sha256:{digest}"}
-    assert from_ckpt.encoder.weights_id == from_ckpt.decoder.weights_id == f"sha256:{digest}"
+    assert {g.weights_id for g in from_ckpt.graphs} == {f"sha256:{digest}"}
     # Same weights, deterministic exporter: byte-identical graphs.
-    assert from_ckpt.encoder.sha256 == manifest.encoder.sha256
-    assert from_ckpt.decoder.sha256 == manifest.decoder.sha256
+    assert [g.sha256 for g in from_ckpt.graphs] == [g.sha256 for g in manifest.graphs]
 
 
 def test_pre_publish_check_rejects_graphs_of_other_weights(fp32_model_dir):

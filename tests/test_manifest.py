@@ -90,3 +90,32 @@ def test_unsupported_format_version(model_copy):
     (model_copy / "manifest.json").write_text(json.dumps(doc))
     with pytest.raises(ModelFileError, match="format_version 99"):
         mf.load_manifest(model_copy)
+
+
+def test_points_decoder_is_optional(model_copy):
+    """Directories exported before the points decoder existed (or INT8 ones) still load."""
+    doc = json.loads((model_copy / "manifest.json").read_text())
+    del doc["graphs"]["points_decoder"]
+    (model_copy / "manifest.json").write_text(json.dumps(doc))
+    (model_copy / "points_decoder.onnx").unlink()
+    manifest = mf.load_manifest(model_copy)
+    assert manifest.points_decoder is None
+    assert [g.role for g in manifest.graphs] == ["encoder", "decoder"]
+
+
+def test_points_decoder_is_verified_like_the_others(model_copy):
+    path = model_copy / "points_decoder.onnx"
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(ModelFileError, match="points_decoder.onnx: sha256 .* points_decoder sha256"):
+        mf.load_manifest(model_copy)
+    path.unlink()
+    with pytest.raises(ModelFileError, match="points_decoder.onnx: points_decoder file listed in the manifest is missing"):
+        mf.load_manifest(model_copy)
+
+
+def test_points_decoder_of_other_weights_is_refused(model_copy):
+    doc = json.loads((model_copy / "manifest.json").read_text())
+    doc["graphs"]["points_decoder"]["weights_id"] = "random-seed-1"
+    (model_copy / "manifest.json").write_text(json.dumps(doc))
+    with pytest.raises(ModelFileError, match="points_decoder points_decoder.onnx was made from weights"):
+        mf.load_manifest(model_copy)

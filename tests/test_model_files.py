@@ -24,7 +24,7 @@ from tinysam_rt.errors import ModelFileError
 from tinysam_rt.predictor import TinySAMPredictor
 from conftest import synthetic_image
 
-GRAPH_FILES = ("encoder.onnx", "decoder.onnx")
+GRAPH_FILES = ("encoder.onnx", "decoder.onnx", "points_decoder.onnx")
 
 
 def _model_copy(source, dest):

@@ -275,6 +275,9 @@ def test_quantized_model_loads_and_predicts(int8_dir, fp32_model_dir, calib_dir)
     assert recipe["versions"]["onnxruntime"] == ort.__version__
     assert set(recipe["fidelity"]) == {"static", "dynamic"}
     assert (out / "quantization_report.md").read_text().startswith("# tinysam quantize")
+    # The FP32 points decoder would take every point prompt from the INT8 decoder: it is dropped.
+    assert manifest.points_decoder is None and not (out / "points_decoder.onnx").exists()
+    assert recipe["points_decoder"] == "dropped: the INT8 decoder serves every prompt"
     image = load_image(calib_dir / "scene1.png")
     int8 = TinySAMPredictor(image, model_dir=out)
     masks, scores, low_res = int8.predict(point_coords=[[240, 320]])
@@ -393,3 +396,17 @@ def test_cli_only_decoder_keeps_the_fp32_encoder(fp32_model_dir, calib_dir, tmp_
     assert list(manifest.quantization["graphs"]) == ["decoder"]
     assert manifest.quantization["fidelity"]["static"]["embedding_cosine_min"] == 1.0
     TinySAMPredictor(synthetic_image(64, 64), model_dir=out).predict(box=[4, 4, 40, 50])
+
+
+def test_cli_only_encoder_keeps_the_fp32_decoders(fp32_model_dir, calib_dir, tmp_path, capsys):
+    out = tmp_path / "mixed"
+    code = cli.main(["quantize", "--model", str(fp32_model_dir), "--calib", str(calib_dir / "*.png"), "--out", str(out),
+                     "--method", "minmax", "--min-images", "1", "--holdout", "1", "--synthetic", "0",
+                     "--max-excluded", "0", "--no-gate", "--only", "encoder"])
+    assert code == 0, capsys.readouterr().err
+    manifest, fp32 = load_manifest(out), load_manifest(fp32_model_dir)
+    assert manifest.encoder.precision == "int8-static-qdq"
+    assert [(g.precision, g.sha256) for g in manifest.graphs[1:]] == [(g.precision, g.sha256) for g in fp32.graphs[1:]]
+    assert manifest.points_decoder is not None
+    assert manifest.quantization["points_decoder"] == "copied (decoder not quantized)"
+    TinySAMPredictor(synthetic_image(64, 64), model_dir=out).predict(point_coords=[[10, 20]])

@@ -6,7 +6,7 @@ import pytest
 
 from tinysam_rt import manifest as mf
 from tinysam_rt.errors import ModelFileError
-from tinysam_rt.sessions import DecoderSession, EncoderSession, make_session_options
+from tinysam_rt.sessions import DecoderSession, EncoderSession, PointsDecoderSession, load_decoder, make_session_options
 
 
 def test_session_options_factory():
@@ -58,3 +58,15 @@ def test_random_bytes_are_a_model_file_error(fp32_model_dir, tmp_path):
     manifest = mf.load_manifest(model)
     with pytest.raises(ModelFileError, match="decoder.onnx: ONNX Runtime cannot load the decoder graph"):
         DecoderSession(manifest.decoder)
+
+
+def test_decoder_in_the_points_decoder_role_fails_the_io_check(fp32_model_dir, tmp_path):
+    model = tmp_path / "m"
+    shutil.copytree(fp32_model_dir, model)
+    shutil.copyfile(model / "decoder.onnx", model / "points_decoder.onnx")
+    _rehash_manifest(model)
+    manifest = mf.load_manifest(model)
+    with pytest.raises(ModelFileError, match="points_decoder.onnx: graph inputs are .*expected"):
+        PointsDecoderSession(manifest.points_decoder)
+    with pytest.raises(ModelFileError, match="points_decoder.onnx"):
+        load_decoder(manifest)

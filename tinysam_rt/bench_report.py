@@ -122,8 +122,9 @@ def _flops_rows(models):
         f = m.get("flops")
         if not f:
             continue
-        for graph, name in (("encoder", "encoder"), ("decoder_1", "decoder B=1"),
-                            ("decoder_batch", f"decoder B={f['decoder_batch']['batch']}")):
+        decoder = f["decoder_1"].get("graph", "decoder")  # "points_decoder" serves point prompts when present
+        for graph, name in (("encoder", "encoder"), ("decoder_1", f"{decoder} B=1"),
+                            ("decoder_batch", f"{decoder} B={f['decoder_batch']['batch']}")):
             g = f[graph]
             rows.append([m["label"], name, f"{g['macs'] / 1e9:.3f}", f"{g['flops'] / 1e9:.2f}"]
                         + [f"{g['by_kind'].get(k, 0) / 1e9:.3f}" for k in _KINDS]

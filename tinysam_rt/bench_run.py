@@ -20,7 +20,7 @@ from tinysam_rt import flops, gemm_peak, postprocess, preprocess, prompts, sysin
 from tinysam_rt.io import write_png
 from tinysam_rt.manifest import load_manifest
 from tinysam_rt.predictor import TinySAMPredictor
-from tinysam_rt.sessions import DecoderSession, EncoderSession
+from tinysam_rt.sessions import DecoderSession, EncoderSession, PointsDecoderSession, load_decoder
 
 # TinySAM (Shu et al. 2023, arXiv:2312.13789) reports "42.0 GFLOPs" for its vit_t model; the number
 # counts multiply-accumulates (fvcore's convention), so it compares with our MACs, not our FLOPs.
@@ -96,7 +96,7 @@ def model_info(model_dir):
     """Manifest facts and file sizes of a model directory (sha256-verified)."""
     manifest = load_manifest(model_dir)
     files = {g.role: {"file": g.path.name, "bytes": g.path.stat().st_size, "precision": g.precision}
-             for g in (manifest.encoder, manifest.decoder)}
+             for g in manifest.graphs}
     return manifest, {
         "model_dir": str(model_dir),
         "model": manifest.model,
@@ -127,6 +127,14 @@ def decoder_feeds(original_size, long_side, batch):
     return (coords, labels, *prompts.mask_feeds(None, batch))
 
 
+def serving_decoder_graph(manifest):
+    """(GraphSpec, session class) of the graph that serves prompts without a mask input: the
+    points decoder when the model has one (see sessions.PromptDecoder), else the decoder."""
+    if manifest.points_decoder is not None:
+        return manifest.points_decoder, PointsDecoderSession
+    return manifest.decoder, DecoderSession
+
+
 def count_model_flops(manifest, batch):
     """MACs of the encoder and of the decoder at B=1 and B=batch, from ORT-profiled shapes."""
     rng = np.random.default_rng(0)
@@ -135,12 +143,14 @@ def count_model_flops(manifest, batch):
     result["encoder"] = flops.count_macs(flops.profile_node_shapes(
         lambda o: EncoderSession(manifest.encoder, session_options=o), lambda s: s.run(image)))
     embeddings = rng.standard_normal((1, 256, 64, 64), dtype=np.float32)
+    graph, kind = serving_decoder_graph(manifest)
     for key, b in (("decoder_1", 1), ("decoder_batch", batch)):
         feeds = decoder_feeds((1024, 1024), 1024, b)
+        feeds = feeds[:2] if kind is PointsDecoderSession else feeds  # no mask inputs
         result[key] = flops.count_macs(flops.profile_node_shapes(
-            lambda o: DecoderSession(manifest.decoder, session_options=o),
-            lambda s, f=feeds: s.run(embeddings, *f)))
+            lambda o: kind(graph, session_options=o), lambda s, f=feeds: s.run(embeddings, *f)))
         result[key]["batch"] = b
+        result[key]["graph"] = graph.role
     ours = result["encoder"]["macs"] + result["decoder_1"]["macs"]
     result["published"] = {
         "tinysam_gmacs": PUBLISHED_GMACS,
@@ -190,7 +200,8 @@ def measure_threads(manifest, image, threads, runs, warmup, batch, budget_s=None
     encoder, (cold["encoder_session_s"], _, _) = time_call(lambda: EncoderSession(manifest.encoder, threads))
     tensor = run_preprocess()  # (1, 3, 1024, 1024)
     embeddings, (cold["encoder_first_call_s"], _, _) = time_call(lambda: encoder.run(tensor))
-    decoder, (cold["decoder_session_s"], _, _) = time_call(lambda: DecoderSession(manifest.decoder, threads))
+    # The decoder stage as `predict` runs it: point prompts go to the points decoder if there is one.
+    decoder, (cold["decoder_session_s"], _, _) = time_call(lambda: load_decoder(manifest, threads))
     input_size = preprocess.preprocess_shape(*image.shape[:2], pre.image_size)
     feeds_1 = decoder_feeds(image.shape[:2], pre.image_size, 1)
     feeds_b = decoder_feeds(image.shape[:2], pre.image_size, batch)

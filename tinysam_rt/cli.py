@@ -74,7 +74,7 @@ def _add_model_flags(parser):
 def _model_info(manifest):
     """What a result JSON records about the model that made it."""
     return {"dir": str(manifest.model_dir), "weights_id": manifest.weights_id,
-            "encoder": manifest.encoder.precision, "decoder": manifest.decoder.precision}
+            **{graph.role: graph.precision for graph in manifest.graphs}}
 
 
 def _warn_if_random(manifest):
@@ -254,7 +254,8 @@ def _cmd_export(args):
     if args.checkpoint is None:
         print(f"exporting RANDOM weights (seed {args.random_seed}): fine for testing and benchmarks, masks are not meaningful")
     manifest_path = export_model(args.out, checkpoint=args.checkpoint, seed=args.random_seed, opset=args.opset)
-    print(f"wrote {manifest_path.parent}/ (encoder.onnx, decoder.onnx, manifest.json)")
+    files = sorted(path.name for path in manifest_path.parent.iterdir())
+    print(f"wrote {manifest_path.parent}/ ({', '.join(files)})")
     return 0
 
 

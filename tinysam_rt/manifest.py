@@ -19,13 +19,18 @@ Layout (format_version 1)::
       "graphs": {
         "encoder": {"file": "encoder.onnx", "sha256": hex, "bytes": int, "precision": "fp32",
                     "weights_id": str, "inputs": [{"name", "shape", "dtype"}], "outputs": [...]},
-        "decoder": {... same keys ...}
+        "decoder": {... same keys ...},
+        "points_decoder": {... same keys ...}   # optional, see below
       },
       "quantization": null | {...recipe...},
       "export": {...free-form provenance: versions, exporter, date...}
     }
 
 Shapes use ints for fixed axes and strings ("B", "N") for dynamic ones.
+
+`points_decoder` is optional: the same function as `decoder` for prompts without a mask input,
+computed with less work per prompt (the image side shared by the batch). Directories without it
+(older exports, INT8 directories whose decoder was quantized) run every prompt through `decoder`.
 """
 
 import hashlib
@@ -41,7 +46,8 @@ MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "tinysam-rt-manifest"
 FORMAT_VERSION = 1
 MODEL_DIR_ENV = "TINYSAM_MODEL_DIR"
-GRAPH_ROLES = ("encoder", "decoder")
+GRAPH_ROLES = ("encoder", "decoder")  # required in every manifest
+OPTIONAL_GRAPH_ROLES = ("points_decoder",)
 
 # The I/O contract every tinysam-rt export satisfies; sessions check the graphs against it.
 ENCODER_INPUTS = (("image", (1, 3, 1024, 1024)),)
@@ -57,6 +63,9 @@ DECODER_OUTPUTS = (
     ("low_res_masks", ("B", 3, 256, 256)),
     ("iou_predictions", ("B", 3)),
 )
+# The points decoder: the decoder's contract without the mask input (has_mask_input = 0).
+POINTS_DECODER_INPUTS = DECODER_INPUTS[:3]
+POINTS_DECODER_OUTPUTS = DECODER_OUTPUTS
 
 
 def default_model_dir():
@@ -112,7 +121,7 @@ class TensorSpec:
 class GraphSpec:
     """One ONNX file of a model directory."""
 
-    role: str  # "encoder" | "decoder"
+    role: str  # "encoder" | "decoder" | "points_decoder"
     path: Path  # resolved against the model directory
     sha256: str
     precision: str  # "fp32", "int8-static-qdq", ...
@@ -143,8 +152,14 @@ class Manifest:
     mask_threshold: float
     encoder: GraphSpec
     decoder: GraphSpec
+    points_decoder: object  # GraphSpec, or None when the directory has no points-only decoder
     quantization: object  # None or the recipe dict written by `tinysam quantize`
     raw: dict  # the whole JSON document, for provenance display
+
+    @property
+    def graphs(self):
+        """Every graph file of the directory: (encoder, decoder[, points_decoder])."""
+        return tuple(g for g in (self.encoder, self.decoder, self.points_decoder) if g is not None)
 
     @property
     def model_id(self):
@@ -224,9 +239,15 @@ def parse_manifest(doc, model_dir, where="manifest.json"):
         _graph_spec(model_dir, role, _field(graphs, role, dict, f"{where} graphs"), where)
         for role in GRAPH_ROLES
     )
+    points_decoder = None
+    if "points_decoder" in graphs:
+        points_decoder = _graph_spec(model_dir, "points_decoder",
+                                     _field(graphs, "points_decoder", dict, f"{where} graphs"), where)
     weights = _field(doc, "weights", dict, where)
     weights_id = _field(weights, "weights_id", str, where)
-    for graph in (encoder, decoder):
+    for graph in (encoder, decoder, points_decoder):
+        if graph is None:
+            continue
         if graph.weights_id != weights_id:
             raise ModelFileError(
                 f"{where}: {graph.role} {graph.path.name} was made from weights "
@@ -253,13 +274,14 @@ def parse_manifest(doc, model_dir, where="manifest.json"):
         mask_threshold=_finite(post.get("mask_threshold", 0.0), "mask_threshold", where),
         encoder=encoder,
         decoder=decoder,
+        points_decoder=points_decoder,
         quantization=doc.get("quantization"),
         raw=doc,
     )
 
 
 def load_manifest(model_dir, verify=True):
-    """Read `model_dir/manifest.json`, validate it and (by default) sha256-verify both graphs.
+    """Read `model_dir/manifest.json`, validate it and (by default) sha256-verify every graph.
 
     Raises:
         FileNotFoundError: no manifest.json in `model_dir`.
@@ -276,7 +298,7 @@ def load_manifest(model_dir, verify=True):
         raise ModelFileError(f"{path}: not valid JSON ({exc})") from None
     manifest = parse_manifest(doc, model_dir, where=str(path))
     if verify:
-        for graph in (manifest.encoder, manifest.decoder):
+        for graph in manifest.graphs:
             verify_graph_file(graph)
     return manifest
 
@@ -301,7 +323,7 @@ def graph_entry(role, file_path, precision, weights_id, inputs, outputs):
     """Build the manifest dict entry for one graph file (used by export and quantize).
 
     Args:
-        role: "encoder" | "decoder".
+        role: "encoder" | "decoder" | "points_decoder".
         file_path: Path of the written ONNX file; stored by name, relative to the manifest.
         inputs/outputs: sequences of (name, shape) pairs, e.g. `DECODER_INPUTS`.
     """

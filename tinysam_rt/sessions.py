@@ -1,9 +1,9 @@
 """ONNX Runtime sessions: the only code that owns ORT state or calls `.run`.
 
-One factory builds every `SessionOptions`; `EncoderSession` and `DecoderSession` each wrap one
-`InferenceSession` and check, at init, that the graph's inputs/outputs are the ones the manifest
-and the tinysam-rt contract promise. ORT's `run` is thread-safe, so one session may serve many
-threads.
+One factory builds every `SessionOptions`; `EncoderSession`, `DecoderSession` and
+`PointsDecoderSession` each wrap one `InferenceSession` and check, at init, that the graph's
+inputs/outputs are the ones the manifest and the tinysam-rt contract promise; `PromptDecoder`
+picks between the two decoders. ORT's `run` is thread-safe, so one session may serve many threads.
 """
 
 import logging
@@ -156,6 +156,61 @@ class DecoderSession(_GraphSession):
         return low_res_masks, iou_predictions
 
 
+class PointsDecoderSession(_GraphSession):
+    """The decoder's function for prompts without a mask input (see manifest.py), cheaper per prompt."""
+
+    role = "points_decoder"
+    expected_inputs = manifest_mod.POINTS_DECODER_INPUTS
+    expected_outputs = manifest_mod.POINTS_DECODER_OUTPUTS
+
+    def run(self, image_embeddings, point_coords, point_labels):
+        """
+        Args:
+            image_embeddings: (1, 256, 64, 64) float32.
+            point_coords: (B, N, 2) float32, XY in the 1024 frame.
+            point_labels: (B, N) float32; 1 fg, 0 bg, 2/3 box corners, -1 padding.
+
+        Returns:
+            low_res_masks (B, 3, 256, 256) float32 logits, iou_predictions (B, 3) float32.
+        """
+        feeds = {"image_embeddings": image_embeddings, "point_coords": point_coords, "point_labels": point_labels}
+        feeds = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in feeds.items()}
+        low_res_masks, iou_predictions = self._run(feeds)
+        return low_res_masks, iou_predictions
+
+
+class PromptDecoder:
+    """The decoder stage: a `DecoderSession`, plus a `PointsDecoderSession` when the model has one.
+
+    `run` has `DecoderSession.run`'s signature and results; a batch without any mask input goes
+    to the points decoder (same function, less work per prompt), anything else to the decoder.
+    """
+
+    def __init__(self, decoder, points_decoder=None):
+        """
+        Args:
+            decoder: DecoderSession.
+            points_decoder: PointsDecoderSession or None.
+        """
+        self.decoder = decoder
+        self.points_decoder = points_decoder
+
+    def run(self, image_embeddings, point_coords, point_labels, mask_input, has_mask_input):
+        """`DecoderSession.run`: (B, 3, 256, 256) logits and (B, 3) predicted IoU."""
+        if self.points_decoder is not None and not np.any(has_mask_input):
+            return self.points_decoder.run(image_embeddings, point_coords, point_labels)
+        return self.decoder.run(image_embeddings, point_coords, point_labels, mask_input, has_mask_input)
+
+
+def load_decoder(manifest, threads=None, session_options=None):
+    """The `PromptDecoder` of a verified manifest (its points decoder only if the manifest has one)."""
+    points = manifest.points_decoder
+    return PromptDecoder(
+        DecoderSession(manifest.decoder, threads, session_options),
+        None if points is None else PointsDecoderSession(points, threads, session_options),
+    )
+
+
 def load_sessions(manifest, threads=None):
-    """Both sessions of a verified manifest, sharing one options factory."""
-    return EncoderSession(manifest.encoder, threads), DecoderSession(manifest.decoder, threads)
+    """(EncoderSession, PromptDecoder) of a verified manifest, sharing one options factory."""
+    return EncoderSession(manifest.encoder, threads), load_decoder(manifest, threads)
