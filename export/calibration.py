@@ -98,6 +98,8 @@ def load_images(paths, min_images):
                 f"calibration file {path} is not an image (cv2 cannot decode it); "
                 f"the calibration folder must hold only images"
             ) from None
+        # The runtime's own check (e.g. a side below 2 pixels), named here before any slow step.
+        preprocess.check_image(image, name=f"calibration file {path}")
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
         images.append(CalibrationImage(path, digest, tuple(image.shape[:2])))
     return images

@@ -516,7 +516,8 @@ def quantize_model(model_dir, calib, out_dir, config=QuantizeConfig(), progress=
 
     Raises:
         FileNotFoundError / ModelFileError: `model_dir` is not a (valid) tinysam-rt model.
-        ValueError: bad config, too few calibration images, or a file that is not an image.
+        ValueError: bad config, too few calibration images, a file that is not an image (or is
+            under 2 pixels on a side), or a `model_dir` that is already quantized.
         RuntimeError: the accuracy gate failed; nothing was written (unless config.gate is False).
     """
     progress = progress or (lambda line: logger.info("%s", line))
@@ -524,6 +525,10 @@ def quantize_model(model_dir, calib, out_dir, config=QuantizeConfig(), progress=
     manifest = manifest_mod.load_manifest(model_dir)
     if Path(out_dir).resolve() == Path(model_dir).resolve():
         raise ValueError(f"out_dir must differ from model_dir ({model_dir}): the FP32 model is the reference")
+    not_fp32 = [f"{g.role} is {g.precision}" for g in manifest.graphs if g.precision != "fp32"]
+    if not_fp32 or manifest.quantization is not None:
+        raise ValueError(f"{model_dir} is already quantized ({', '.join(not_fp32) or 'manifest has a quantization recipe'}); "
+                         f"quantize the FP32 export it came from")
     calib_images, held_images = _split_images(calib, config)
     roles = [config.only] if config.only else ["encoder", "decoder"]
     with tempfile.TemporaryDirectory(prefix="tinysam-quantize-") as tmp, atomic_directory(out_dir) as staging:

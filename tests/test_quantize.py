@@ -328,6 +328,34 @@ def test_truncated_image_is_named(fp32_model_dir, calib_dir, tmp_path):
     assert _no_output(tmp_path)
 
 
+@pytest.mark.parametrize("height, width", [(1, 40), (2000, 1)], ids=["one_row", "one_column"])
+def test_image_below_two_pixels_is_named_before_any_slow_step(fp32_model_dir, calib_dir, tmp_path, height, width):
+    import cv2
+
+    folder = tmp_path / "calib"
+    folder.mkdir()
+    for p in calib_dir.iterdir():
+        (folder / p.name).write_bytes(p.read_bytes())
+    cv2.imwrite(str(folder / "sliver.png"), np.full((height, width, 3), 128, np.uint8))
+    with pytest.raises(ValueError, match=rf"calibration file .*sliver\.png must be at least 2x2 pixels, got {height}x{width}"):
+        quantize.quantize_model(fp32_model_dir, folder, tmp_path / "out", FAST)
+    assert _no_output(tmp_path)
+
+
+def test_already_quantized_model_is_refused(int8_dir, calib_dir, tmp_path):
+    with pytest.raises(ValueError, match=r"is already quantized \(encoder is int8-static-qdq, decoder is "
+                                         r"int8-static-qdq\); quantize the FP32 export it came from"):
+        quantize.quantize_model(int8_dir[0], calib_dir, tmp_path / "out", FAST)
+    assert _no_output(tmp_path)
+
+
+def test_cli_out_equal_to_model_is_a_usage_error(fp32_model_dir, calib_dir, capsys):
+    code = cli.main(["quantize", "--model", str(fp32_model_dir), "--calib", str(calib_dir), "--out", str(fp32_model_dir)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--out must differ from --model" in err
+
+
 def test_too_few_images_is_an_error_not_a_fallback(fp32_model_dir, calib_dir, tmp_path):
     import dataclasses
 

@@ -302,6 +302,8 @@ def _cmd_quantize(args):
         check_config(config)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    if args.out.resolve() == args.model.resolve():
+        raise UsageError(f"--out must differ from --model ({args.model}): the FP32 model is the reference")
     report = quantize_model(args.model, args.calib, args.out, config,
                             progress=lambda line: print(f"tinysam quantize: {line}", file=sys.stderr, flush=True))
     if args.report:
