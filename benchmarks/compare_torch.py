@@ -28,7 +28,7 @@ from tinysam_rt.atomic import atomic_write_text
 from tinysam_rt.io import load_image
 from tinysam_rt.manifest import load_manifest, sha256_file
 from tinysam_rt.predictor import TinySAMPredictor
-from tinysam_rt.sessions import DecoderSession, EncoderSession
+from tinysam_rt.sessions import EncoderSession, load_decoder
 
 STAGES = ("encoder", "decoder_1", "decoder_batch", "end_to_end")
 
@@ -84,7 +84,7 @@ class OrtBackend:
     def __init__(self, manifest, label, threads, image):
         self.label = label
         self.encoder = EncoderSession(manifest.encoder, threads)
-        self.decoder = DecoderSession(manifest.decoder, threads)
+        self.decoder = load_decoder(manifest, threads)  # point prompts run the points decoder, as in predict
         self.predictor = TinySAMPredictor(model_dir=manifest.model_dir, threads=threads, cache_size=0)
         self.image = image
         self.mask = {}
