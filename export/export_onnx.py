@@ -29,6 +29,7 @@ import tinysam_rt
 from tinysam_rt import manifest as manifest_mod
 from tinysam_rt.atomic import atomic_directory
 from tinysam_rt.sessions import DecoderSession, EncoderSession, PointsDecoderSession
+from tinysam_export.metadata import stamp_weights_id
 from tinysam_export.model.build import IMAGE_SIZE, MASK_TOKENS, PIXEL_MEAN, PIXEL_STD, build_tinysam
 from tinysam_export.onnx_wrappers import DecoderOnnx, EncoderOnnx, PointsDecoderOnnx
 
@@ -233,6 +234,8 @@ def export_model(out_dir, checkpoint=None, seed=0, opset=17):
         export_encoder(model, tmp / ENCODER_FILE, opset)
         export_decoder(model, tmp / DECODER_FILE, opset)
         export_points_decoder(model, tmp / POINTS_DECODER_FILE, opset)
+        for name in (ENCODER_FILE, DECODER_FILE, POINTS_DECODER_FILE):
+            stamp_weights_id(tmp / name, weights["weights_id"])
         doc = build_manifest(tmp, weights, opset)
         (tmp / manifest_mod.MANIFEST_NAME).write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
         smoke_run(tmp, model)

@@ -42,6 +42,7 @@ from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, 
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from tinysam_export import calibration, fidelity
+from tinysam_export.metadata import stamp_weights_id
 from tinysam_rt import io, manifest as manifest_mod, preprocess
 from tinysam_rt.atomic import atomic_directory, atomic_write_text
 from tinysam_rt.predictor import TinySAMPredictor
@@ -544,6 +545,7 @@ def quantize_model(model_dir, calib, out_dir, config=QuantizeConfig(), progress=
             scorer = _Scorer(role, manifest, calib_set, _budgets(role, config, roles), config.threads)
             path, recipes[role] = search_graph(role, prepared, reader, scorer, config, work, progress)
             graphs[role] = (shutil.copyfile(path, staging / INT8_FILES[role]), PRECISION)
+            stamp_weights_id(graphs[role][0], manifest.weights_id)
             progress(f"{role}: building the quantize_dynamic baseline")
             dynamic[role] = quantize_dynamic_baseline(spec.path, work / f"{role}.dynamic.onnx", work)
         for role in ("encoder", "decoder"):

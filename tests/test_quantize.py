@@ -277,6 +277,9 @@ def test_quantized_model_loads_and_predicts(int8_dir, fp32_model_dir, calib_dir)
     assert (out / "quantization_report.md").read_text().startswith("# tinysam quantize")
     # The FP32 points decoder would take every point prompt from the INT8 decoder: it is dropped.
     assert manifest.points_decoder is None and not (out / "points_decoder.onnx").exists()
+    for graph in manifest.graphs:  # each INT8 file carries the weights it was made from
+        props = {p.key: p.value for p in onnx.load(str(graph.path)).metadata_props}
+        assert props["tinysam_rt.weights_id"] == fp32.weights_id
     assert recipe["points_decoder"] == "dropped: the INT8 decoder serves every prompt"
     image = load_image(calib_dir / "scene1.png")
     int8 = TinySAMPredictor(image, model_dir=out)

@@ -70,3 +70,20 @@ def test_decoder_in_the_points_decoder_role_fails_the_io_check(fp32_model_dir, t
         PointsDecoderSession(manifest.points_decoder)
     with pytest.raises(ModelFileError, match="points_decoder.onnx"):
         load_decoder(manifest)
+
+
+def test_graph_stamped_with_other_weights_is_refused_behind_a_rehashed_manifest(fp32_model_dir, tmp_path):
+    """A decoder from another export (its own weights_id inside the file) cannot be smuggled in
+    by re-hashing the manifest: the session compares the file's id with the manifest's."""
+    onnx = pytest.importorskip("onnx", reason="needs onnx")
+    model = tmp_path / "m"
+    shutil.copytree(fp32_model_dir, model)
+    graph = onnx.load(str(model / "decoder.onnx"))
+    assert {p.key: p.value for p in graph.metadata_props} == {mf.WEIGHTS_ID_METADATA_KEY: "random-seed-0"}
+    onnx.helper.set_model_props(graph, {mf.WEIGHTS_ID_METADATA_KEY: "random-seed-7"})
+    onnx.save(graph, str(model / "decoder.onnx"))
+    _rehash_manifest(model)
+    manifest = mf.load_manifest(model)
+    with pytest.raises(ModelFileError, match="decoder.onnx: this decoder graph was made from weights 'random-seed-7' "
+                                             "but the manifest says 'random-seed-0'"):
+        DecoderSession(manifest.decoder)

@@ -46,6 +46,9 @@ MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "tinysam-rt-manifest"
 FORMAT_VERSION = 1
 MODEL_DIR_ENV = "TINYSAM_MODEL_DIR"
+# ONNX metadata property holding the weights_id inside each graph file (exports since 0.1.0):
+# sessions refuse a graph whose own id differs from the manifest's.
+WEIGHTS_ID_METADATA_KEY = "tinysam_rt.weights_id"
 GRAPH_ROLES = ("encoder", "decoder")  # required in every manifest
 OPTIONAL_GRAPH_ROLES = ("points_decoder",)
 

@@ -98,6 +98,12 @@ class _GraphSession:
             raise ModelFileError(f"{graph.path}: ONNX Runtime cannot load the {self.role} graph: {exc}") from None
         _check_io("inputs", graph.path, graph.inputs, self.expected_inputs, self._session.get_inputs())
         _check_io("outputs", graph.path, graph.outputs, self.expected_outputs, self._session.get_outputs())
+        stamped = self._session.get_modelmeta().custom_metadata_map.get(manifest_mod.WEIGHTS_ID_METADATA_KEY)
+        if stamped is not None and stamped != graph.weights_id:
+            raise ModelFileError(
+                f"{graph.path}: this {self.role} graph was made from weights {stamped!r} but the manifest "
+                f"says {graph.weights_id!r} (a graph from another export behind an edited manifest?)"
+            )
         self.graph = graph
         self.output_names = [name for name, _ in self.expected_outputs]
         logger.debug("loaded %s %s (%s)", self.role, graph.path, graph.precision)

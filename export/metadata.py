@@ -1,0 +1,24 @@
+"""Stamp which weights a graph came from into the ONNX file itself (needs onnx, not torch).
+
+The manifest pairs graphs by `weights_id`, but a manifest can be edited (re-hashed) around a
+graph from another export. With the id inside the file too, the runtime's sessions compare the
+two and refuse a graph whose own id differs (tinysam_rt.sessions).
+"""
+
+import onnx
+
+from tinysam_rt.manifest import WEIGHTS_ID_METADATA_KEY
+
+
+def stamp_weights_id(path, weights_id):
+    """Set the graph file's `tinysam_rt.weights_id` metadata property, in place.
+
+    Args:
+        path: Path of an ONNX file (rewritten; callers write into staging directories).
+        weights_id: str, the manifest's weights_id ("random-seed-0", "sha256:...").
+    """
+    model = onnx.load(str(path))
+    props = {p.key: p.value for p in model.metadata_props}
+    props[WEIGHTS_ID_METADATA_KEY] = weights_id
+    onnx.helper.set_model_props(model, props)
+    onnx.save(model, str(path))
