@@ -56,6 +56,11 @@ METHODS = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entr
 # Ops whose ORT integer kernels beat float on the encoder here; decoder: the transformer's
 # projections/MLPs (its final ConvTranspose upscaling stays float).
 OP_TYPES = {"encoder": ("Gemm", "MatMul", "Conv"), "decoder": ("Gemm", "MatMul")}
+# When quantizing OP_TYPES is still over budget after the most sensitive nodes were kept in float,
+# these smaller sets are tried: first drop the op types whose integer kernels buy least
+# (attention MatMul, then Conv: benchmarks/RESULTS.md, "INT8 quantization"). Dropped op types
+# compute in float with int8 weights.
+OP_TYPE_LADDER = {"encoder": (("Gemm", "Conv"), ("Gemm",)), "decoder": (("Gemm",),)}
 FLOAT_OUTPUT_OPS = ("Gemm", "MatMul")  # -> QGemm / MatMulIntegerToFloat with float outputs
 INT8_FILES = {"encoder": "encoder.int8.onnx", "decoder": "decoder.int8.onnx"}
 REPORT_FILES = ("quantization_report.json", "quantization_report.md")
@@ -170,9 +175,16 @@ def quantize_qdq(prepared, out, reader, method, op_types, exclude, cache, reduce
     return out
 
 
-def quantize_graph(prepared, out, reader, method, role, exclude, config, cache):
-    """`quantize_qdq` with the recipe's op types for `role` and the config's reduce_range."""
-    return quantize_qdq(prepared, out, reader, method, OP_TYPES[role], exclude, cache, config.reduce_range)
+def quantize_graph(prepared, out, reader, method, role, exclude, config, cache, op_types=None):
+    """`quantize_qdq` with the recipe's op types for `role` (or `op_types`) and the config's
+    reduce_range; nodes of the role's other op types and `exclude` compute in float with int8
+    weights (`store_weights_int8`), so the file stays small."""
+    op_types = op_types or OP_TYPES[role]
+    quantize_qdq(prepared, out, reader, method, op_types, exclude, cache, config.reduce_range)
+    floated = list(exclude) + graph_nodes(prepared, set(OP_TYPES[role]) - set(op_types))
+    if floated:
+        store_weights_int8(out, floated, out)
+    return out
 
 
 def quantize_dynamic_baseline(src, out, work):
@@ -401,7 +413,8 @@ def exclusion_count(errors, start, used):
 
 def search_graph(role, prepared, reader, scorer, config, work, progress):
     """Pick the calibration method by measurement, then keep the most sensitive nodes in float
-    (weights still int8) until the calibration-set budget use is <= 1.
+    (weights still int8) until the calibration-set budget use is <= 1, and if that is not enough,
+    quantize fewer op types (OP_TYPE_LADDER).
 
     Returns:
         (path of the chosen INT8 graph, recipe dict for the manifest).
@@ -417,8 +430,9 @@ def search_graph(role, prepared, reader, scorer, config, work, progress):
     method = min(used, key=used.get)
     path, budget, excluded, errors = paths[method], used[method], [], {}
     cache = work / f"{role}.{method}.ranges.json"
+    op_types = OP_TYPES[role]
     if budget > 1 and config.max_excluded > 0:
-        candidates = graph_nodes(prepared, OP_TYPES[role])
+        candidates = graph_nodes(prepared, op_types)
         progress(f"{role}: over budget; measuring the sensitivity of {len(candidates)} nodes, one at a time")
         quantized, float_model = onnx.load(str(paths[method])), onnx.load(str(prepared))
         for name in candidates:
@@ -431,15 +445,28 @@ def search_graph(role, prepared, reader, scorer, config, work, progress):
             excluded = ranked[:count]
             path = work / f"{role}.{method}.x{count}.onnx"
             quantize_graph(prepared, path, reader, method, role, excluded, config, cache)
-            store_weights_int8(path, excluded, path)
             budget = scorer.budget(path)
             progress(f"{role}: {count} node(s) kept in float -> {budget:.0%} of the budget")
+    # Still over: the error is spread over many nodes; quantize fewer op types (OP_TYPE_LADDER).
+    by_op_types = {"+".join(op_types): round(budget, 4)}
+    for smaller in OP_TYPE_LADDER[role] if budget > 1 else ():
+        trial = quantize_graph(prepared, work / f"{role}.{method}.{'-'.join(smaller)}.onnx", reader, method, role,
+                               excluded, config, cache, smaller)
+        used_here = scorer.budget(trial)
+        by_op_types["+".join(smaller)] = round(used_here, 4)
+        progress(f"{role}: only {'+'.join(smaller)} quantized -> {used_here:.0%} of the budget")
+        if used_here < budget:
+            path, budget, op_types = trial, used_here, smaller
+        if budget <= 1:
+            break
     recipe = {
         "method": method,
         "budget_used_by_method": {m: round(u, 4) for m, u in used.items()},
         "budget_used": round(budget, 4),
         "budgets": {k: round(v, 6) for k, v in scorer.budgets.items()},
-        "op_types": list(OP_TYPES[role]),
+        "op_types": list(op_types),
+        "budget_used_by_op_types": by_op_types,
+        "float_compute_op_types": sorted(set(OP_TYPES[role]) - set(op_types)),
         "float_output_op_types": list(FLOAT_OUTPUT_OPS),
         "activation_type": "QUInt8",
         "weight_type": "QInt8",

@@ -230,6 +230,25 @@ def test_search_keeps_the_sensitive_node_in_float(tmp_path):
     ops = {n.name: n.op_type for n in model.graph.node}
     assert ops["mm0"] == "MatMul" and "w0_w8_DequantizeLinear" in ops  # float compute, int8 weights
     assert any("sensitivity of 3 nodes" in m for m in messages)
+    assert recipe["op_types"] == ["Gemm", "MatMul"] and recipe["budget_used_by_op_types"] == {"Gemm+MatMul": recipe["budget_used"]}
+
+
+def test_search_quantizes_fewer_op_types_when_single_nodes_are_not_enough(tmp_path):
+    """With no node allowed in float, the decoder ladder drops MatMul (mm0, mm1) and keeps the
+    Gemm (mm2) quantized: the sensitive mm0 then computes in float, with int8 weights."""
+    src, feeds = _chain(tmp_path)
+    prepared = quantize.prepare_graph(src, tmp_path / "chain.prepared.onnx")
+    reader = calibration.FeedReader(len(feeds), feeds.__getitem__)
+    scorer = _RelativeError(src, feeds, budget=0.01)
+    config = quantize.QuantizeConfig(method="minmax", max_excluded=0)
+    messages = []
+    path, recipe = quantize.search_graph("decoder", prepared, reader, scorer, config, tmp_path, messages.append)
+    assert recipe["op_types"] == ["Gemm"] and recipe["float_compute_op_types"] == ["MatMul"]
+    assert recipe["excluded_nodes"] == [] and recipe["budget_used"] <= 1
+    assert recipe["budget_used_by_op_types"]["Gemm+MatMul"] > 1 >= recipe["budget_used_by_op_types"]["Gemm"]
+    ops = {n.name: n.op_type for n in onnx.load(str(path)).graph.node}
+    assert ops["mm0"] == ops["mm1"] == "MatMul" and {"w0_w8_DequantizeLinear", "w1_w8_DequantizeLinear"} <= set(ops)
+    assert any("only Gemm quantized" in m for m in messages)
 
 
 def test_check_config_names_the_field():
