@@ -135,6 +135,38 @@ def time_interleaved(variants, tensor, threads, runs, warmup):
     return times
 
 
+def time_decoders(model_dir, int8_dirs, embedding, threads, runs, batch=16):
+    """Decoder graphs per prompt at `batch` everything-mode prompts, interleaved: the FP32 decoder,
+    the FP32 points decoder (what point prompts run when the model has one), and the INT8
+    decoder of every directory in `int8_dirs` whose decoder is quantized."""
+    from tinysam_rt.sessions import DecoderSession, PointsDecoderSession
+
+    manifest = load_manifest(model_dir)
+    side = int(np.ceil(np.sqrt(batch)))
+    grid = (np.stack(np.meshgrid(np.arange(side), np.arange(side)), -1).reshape(-1, 2)[:batch] + 0.5) * 1024 / side
+    coords = np.stack([grid, np.zeros_like(grid)], axis=1).astype(np.float32)  # (B, 2, 2): point + SAM padding
+    labels = np.tile(np.array([[1.0, -1.0]], np.float32), (batch, 1))
+    no_mask = (np.zeros((batch, 1, 256, 256), np.float32), np.zeros(batch, np.float32))
+    runners = {"fp32 decoder": (DecoderSession(manifest.decoder, threads), (*no_mask,))}
+    if manifest.points_decoder is not None:
+        runners["fp32 points_decoder"] = (PointsDecoderSession(manifest.points_decoder, threads), ())
+    for directory in int8_dirs:
+        int8 = load_manifest(directory)
+        if int8.decoder.precision != "fp32":
+            runners[f"{int8.decoder.precision} decoder ({Path(directory).name})"] = (
+                DecoderSession(int8.decoder, threads), (*no_mask,))
+    for session, extra in runners.values():
+        session.run(embedding, coords, labels, *extra)  # warm-up
+    times = {name: [] for name in runners}
+    for _ in range(runs):
+        for name, (session, extra) in runners.items():
+            start = time.perf_counter()
+            session.run(embedding, coords, labels, *extra)
+            times[name].append(time.perf_counter() - start)
+    return {"batch": batch, "rows": {name: {"p50_ms_per_prompt": 1000 * statistics.median(v) / batch,
+                                            "min_ms_per_prompt": 1000 * min(v) / batch} for name, v in times.items()}}
+
+
 def markdown(result):
     info = result["system"]
     lines = [
@@ -156,6 +188,13 @@ def markdown(result):
               "| variant | kernels |", "|---|---|"]
     for name, row in result["variants"].items():
         lines.append(f"| {name} | {', '.join(f'{k} {n}' for k, n in row['kernels'].items())} |")
+    if result.get("decoders"):
+        dec = result["decoders"]
+        lines += ["", f"Decoder graphs, {dec['batch']} everything-mode prompts per call, {result['runs']} interleaved rounds:", "",
+                  "| decoder graph | p50 ms/prompt | min ms/prompt | prompts/s (p50) |", "|---|---|---|---|"]
+        for name, row in dec["rows"].items():
+            lines.append(f"| {name} | {row['p50_ms_per_prompt']:.1f} | {row['min_ms_per_prompt']:.1f} | "
+                         f"{1000 / row['p50_ms_per_prompt']:.1f} |")
     lines += ["", "ORT profile, ms per run by op type (1 run of each, same process):", ""]
     for name, ops in result["profiles"].items():
         lines.append(f"- {name}: " + ", ".join(f"{op} {ms}" for op, ms in ops.items()))
@@ -171,6 +210,8 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--only", nargs="*", default=None, help="time only these variants (plus fp32)")
+    parser.add_argument("--decoder-int8", type=Path, nargs="*", default=[],
+                        help="model directories with an INT8 decoder to time against the FP32 decoders")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     ort.set_default_logger_severity(3)
@@ -193,12 +234,14 @@ def main(argv=None):
         for name, values in times.items():
             rows[name].update(p50_ms=1000 * statistics.median(values), min_ms=1000 * min(values),
                               p95_ms=1000 * float(np.percentile(values, 95)))
+        decoders = time_decoders(args.model, args.decoder_int8, reference, args.threads, args.runs)
         last = "shipped" if "shipped" in variants else "gemm_matmul_conv"
         profiles = {name: op_profile(variants[name][0], held, args.threads) for name in ("fp32", last)}
     result = {
         "command": "python benchmarks/bench_quantize.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "system": sysinfo.system_info(), "threads": args.threads, "runs": args.runs, "warmup": args.warmup,
         "load_start": load_start, "load_end": sysinfo.load_average(), "variants": rows, "profiles": profiles,
+        "decoders": decoders,
     }
     text = markdown(result)
     print(text)
