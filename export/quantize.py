@@ -66,6 +66,14 @@ INT8_FILES = {"encoder": "encoder.int8.onnx", "decoder": "decoder.int8.onnx"}
 REPORT_FILES = ("quantization_report.json", "quantization_report.md")
 
 
+class GateFailedError(RuntimeError):
+    """The accuracy gate failed; nothing was written. `report` holds the measured numbers."""
+
+    def __init__(self, message, report):
+        super().__init__(message)
+        self.report = report
+
+
 @dataclass(frozen=True)
 class QuantizeConfig:
     """Settings of `quantize_model`; the defaults are the recipe `tinysam quantize` runs."""
@@ -546,7 +554,8 @@ def quantize_model(model_dir, calib, out_dir, config=QuantizeConfig(), progress=
         FileNotFoundError / ModelFileError: `model_dir` is not a (valid) tinysam-rt model.
         ValueError: bad config, too few calibration images, a file that is not an image (or is
             under 2 pixels on a side), or a `model_dir` that is already quantized.
-        RuntimeError: the accuracy gate failed; nothing was written (unless config.gate is False).
+        GateFailedError (a RuntimeError): the accuracy gate failed; nothing was written (unless
+            config.gate is False); its `report` has the numbers.
     """
     progress = progress or (lambda line: logger.info("%s", line))
     check_config(config)
@@ -628,8 +637,8 @@ def quantize_model(model_dir, calib, out_dir, config=QuantizeConfig(), progress=
             "versions": {"onnxruntime": ort.__version__, "onnx": onnx.__version__, "numpy": np.__version__},
         }
         if failures and config.gate:
-            raise RuntimeError("accuracy gate failed, nothing written: " + "; ".join(failures)
-                               + " (--no-gate writes it anyway)")
+            raise GateFailedError("accuracy gate failed, nothing written: " + "; ".join(failures)
+                                  + " (--no-gate writes it anyway)", report)
         _write_manifest(staging, manifest, graphs, report)
         atomic_write_text(staging / REPORT_FILES[0], json.dumps(report, indent=2) + "\n")
         atomic_write_text(staging / REPORT_FILES[1], fidelity.report_markdown(report))

@@ -323,6 +323,19 @@ def test_failed_gate_writes_nothing_and_keeps_previous_output(fp32_model_dir, ca
     assert [p.name for p in tmp_path.iterdir()] == ["int8"]  # no staging directory left behind
 
 
+def test_cli_failed_gate_prints_the_numbers_then_one_error_line(fp32_model_dir, calib_dir, tmp_path, monkeypatch, capsys):
+    # The gate's verdict is forced (random weights pass or fail it by chance); the numbers are real.
+    monkeypatch.setattr(fidelity, "gate_failures", lambda *a, **k: ["mean selected-mask IoU 0.5000 < 0.95"])
+    out = tmp_path / "int8"
+    code = cli.main(["quantize", "--model", str(fp32_model_dir), "--calib", str(calib_dir / "*.png"), "--out", str(out),
+                     "--method", "minmax", "--min-images", "1", "--holdout", "1", "--synthetic", "0",
+                     "--max-excluded", "0", "--only", "decoder", "--report"])
+    captured = capsys.readouterr()
+    assert code == 1 and not out.exists()
+    assert "| vs FP32 |" in captured.out and "scene1.png" in captured.out  # the fidelity table of the refused model
+    assert captured.err.strip().splitlines()[-1].startswith("tinysam quantize: error: accuracy gate failed, nothing written")
+
+
 # -- bad input: one clear error, nothing written ----------------------------------------------------
 
 def _no_output(tmp_path):

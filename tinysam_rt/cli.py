@@ -285,7 +285,7 @@ def _cmd_quantize(args):
     try:
         from tinysam_export.calibration import PromptSampling
         from tinysam_export.fidelity import report_markdown
-        from tinysam_export.quantize import QuantizeConfig, check_config, quantize_model
+        from tinysam_export.quantize import GateFailedError, QuantizeConfig, check_config, quantize_model
     except ImportError as exc:
         raise RuntimeError(f"`tinysam quantize` needs the quantize extra: pip install 'tinysam-rt[quantize]' ({exc})") from None
 
@@ -304,8 +304,13 @@ def _cmd_quantize(args):
         raise UsageError(str(exc)) from None
     if args.out.resolve() == args.model.resolve():
         raise UsageError(f"--out must differ from --model ({args.model}): the FP32 model is the reference")
-    report = quantize_model(args.model, args.calib, args.out, config,
-                            progress=lambda line: print(f"tinysam quantize: {line}", file=sys.stderr, flush=True))
+    try:
+        report = quantize_model(args.model, args.calib, args.out, config,
+                                progress=lambda line: print(f"tinysam quantize: {line}", file=sys.stderr, flush=True))
+    except GateFailedError as exc:
+        if args.report:  # the numbers behind the refusal, before the one-line error
+            print(report_markdown(exc.report))
+        raise
     if args.report:
         print(report_markdown(report))
     static = report["fidelity"]["static"]
