@@ -292,6 +292,32 @@ def quantized_only(quantized, prepared, keep, op_types, out):
                 if name in float_inits and name not in present:
                     graph.initializer.append(float_inits[name])
                     present.add(name)
+    # A Q->DQ'd activation belongs to the nodes that quantize it: its producer (a Conv's output)
+    # or an op_types consumer. When none of them is kept, every reader (e.g. the Conv's GELU, a
+    # residual Add) gets the float tensor back. Without this, every candidate carried the same
+    # ~1/3 of the full graph's error (the Conv outputs) and the ranking was noise.
+    producers = {o: n for n in graph.node for o in n.output}
+    readers = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    for dq in [n for n in graph.node if n.op_type == "DequantizeLinear"]:
+        q = producers.get(dq.input[0])
+        if q is None or q.op_type != "QuantizeLinear":
+            continue  # a weight or bias: restored above where its node is not kept
+        source = producers.get(q.input[0])
+        users = readers.get(dq.output[0], [])
+        if (source is not None and source.name in keep) or any(u.op_type in op_types and u.name in keep for u in users):
+            continue
+        for user in users:
+            for k, name in enumerate(user.input):
+                if name == dq.output[0]:
+                    user.input[k] = q.input[0]
+        if dq.output[0] in {o.name for o in graph.output}:  # a graph output keeps its name
+            dq.op_type = "Identity"
+            dq.ClearField("input")
+            dq.ClearField("attribute")
+            dq.input.append(q.input[0])
     needed = {o.name for o in graph.output}
     nodes = list(graph.node)
     while True:  # drop nodes whose outputs nobody reads, until none is left

@@ -215,6 +215,33 @@ def test_quantized_only_restores_float_inputs(tmp_path):
     assert all(name.endswith("DequantizeLinear_Output") for name in inputs["mm1"])
 
 
+def test_quantized_only_also_restores_quantized_outputs(tmp_path):
+    """A Conv's output is Q->DQ'd on its way to a float op (here Exp) and to the graph output:
+    with no node kept, that must go too (it used to stay, giving every candidate the same error
+    floor)."""
+    rng = np.random.default_rng(1)
+    nodes = [onnx.helper.make_node("Conv", ["x", "w0"], ["c0"], name="conv0", pads=[1, 1, 1, 1]),
+             onnx.helper.make_node("Exp", ["c0"], ["t0"], name="exp0"),
+             onnx.helper.make_node("Conv", ["t0", "w1"], ["y"], name="conv1", pads=[1, 1, 1, 1])]
+    graph = onnx.helper.make_graph(
+        nodes, "convs", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4, 8, 8])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4, 8, 8])],
+        [onnx.numpy_helper.from_array(rng.normal(size=(4, 4, 3, 3)).astype(np.float32) / 4, f"w{k}") for k in range(2)])
+    src = tmp_path / "convs.onnx"
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), src)
+    feeds = [{"x": rng.normal(size=(1, 4, 8, 8)).astype(np.float32)} for _ in range(3)]
+    prepared = quantize.prepare_graph(src, tmp_path / "convs.prepared.onnx")
+    reader = calibration.FeedReader(len(feeds), feeds.__getitem__)
+    qdq = quantize.quantize_qdq(prepared, tmp_path / "q.onnx", reader, "minmax", ("Conv",), (), tmp_path / "r.json")
+    q_model, f_model = onnx.load(str(qdq)), onnx.load(str(prepared))
+    none = quantize.quantized_only(q_model, f_model, set(), ("Conv",), tmp_path / "none.onnx")
+    np.testing.assert_allclose(_run(none, feeds[0]), _run(src, feeds[0]), rtol=0, atol=1e-5)
+    assert not {"QuantizeLinear", "DequantizeLinear"} & {n.op_type for n in onnx.load(str(none)).graph.node}
+    every = quantize.quantized_only(q_model, f_model, {"conv0", "conv1"}, ("Conv",), tmp_path / "all.onnx")
+    np.testing.assert_array_equal(_run(every, feeds[0]), _run(qdq, feeds[0]))
+    assert np.abs(_run(every, feeds[0]) - _run(src, feeds[0])).max() > 1e-4  # quantization is really on
+
+
 def test_search_keeps_the_sensitive_node_in_float(tmp_path):
     src, feeds = _chain(tmp_path)
     prepared = quantize.prepare_graph(src, tmp_path / "chain.prepared.onnx")
