@@ -7,6 +7,7 @@ two and refuse a graph whose own id differs (tinysam_rt.sessions).
 
 import onnx
 
+from tinysam_rt.errors import ModelFileError
 from tinysam_rt.manifest import WEIGHTS_ID_METADATA_KEY
 
 
@@ -16,8 +17,13 @@ def stamp_weights_id(path, weights_id):
     Args:
         path: Path of an ONNX file (rewritten; callers write into staging directories).
         weights_id: str, the manifest's weights_id ("random-seed-0", "sha256:...").
+    Raises:
+        ModelFileError: the file does not parse as ONNX (named).
     """
-    model = onnx.load(str(path))
+    try:
+        model = onnx.load(str(path))
+    except Exception as exc:  # protobuf's DecodeError and friends: name the file instead
+        raise ModelFileError(f"{path}: not a readable ONNX file ({type(exc).__name__}: {exc})") from None
     props = {p.key: p.value for p in model.metadata_props}
     props[WEIGHTS_ID_METADATA_KEY] = weights_id
     onnx.helper.set_model_props(model, props)

@@ -79,7 +79,10 @@ class QuantizeConfig:
     """Settings of `quantize_model`; the defaults are the recipe `tinysam quantize` runs."""
 
     method: str = "auto"  # "auto" (measure all three) | "minmax" | "entropy" | "percentile"
-    only: str = None  # None (both graphs) | "encoder" | "decoder": the other is copied as is
+    # Which graphs: "encoder" (default) | "decoder" | "both"; the others are copied as they are.
+    # The encoder alone is the default: an INT8 decoder replaces the FP32 points decoder, which
+    # runs point prompts ~2x faster than the INT8 plain decoder (benchmarks/RESULTS.md).
+    only: str = "encoder"
     min_images: int = 4  # calibration images required after holding out `holdout`
     holdout: int = 2  # real images kept out of calibration for the gate (the last ones, sorted)
     synthetic: int = 2  # synthetic images added to the held-out gate set
@@ -99,8 +102,8 @@ def check_config(config):
     """Raise ValueError naming the first bad field of a QuantizeConfig."""
     if config.method != "auto" and config.method not in METHODS:
         raise ValueError(f"method must be 'auto' or one of {sorted(METHODS)}, got {config.method!r}")
-    if config.only not in (None, "encoder", "decoder"):
-        raise ValueError(f"only must be None, 'encoder' or 'decoder', got {config.only!r}")
+    if config.only not in ("encoder", "decoder", "both"):
+        raise ValueError(f"only must be 'encoder', 'decoder' or 'both', got {config.only!r}")
     for name in ("min_images", "holdout", "synthetic", "max_excluded"):
         value = getattr(config, name)
         if not isinstance(value, int) or value < (1 if name == "min_images" else 0):
@@ -209,11 +212,15 @@ def quantize_dynamic_baseline(src, out, work):
 
 
 def store_weights_int8(path, nodes, out):
-    """Keep `nodes` computing in float but store their weights as int8 + DequantizeLinear.
+    """Keep `nodes` computing in float but store their weights compactly.
 
     Nodes kept in float by the sensitivity search would otherwise keep FP32 weights and push
-    the file over the size target. Weights are symmetric int8 per output channel; no
-    activation is quantized, so the node's arithmetic stays float.
+    the file over the size target. Gemm / MatMul weights become symmetric int8 per output
+    channel + DequantizeLinear (ORT runs them as weight-only int8 kernels). Conv weights become
+    float16 + Cast instead: ORT folds the Cast at load and prepacks the weights as for any
+    float Conv, but never folds a DequantizeLinear, and a Conv fed by one ran 60 % slower
+    (measured: benchmarks/RESULTS.md, "INT8 quantization"). No activation is quantized, so the
+    node's arithmetic stays float.
 
     Args:
         path: Path of a (quantized) ONNX graph; out: Path to write.
@@ -239,6 +246,13 @@ def store_weights_int8(path, nodes, out):
         if init is None or uses[name] != 1 or init.data_type != onnx.TensorProto.FLOAT or len(init.dims) < 2:
             continue
         weight = onnx.numpy_helper.to_array(init)
+        if node.op_type == "Conv":
+            graph.initializer.remove(init)
+            graph.initializer.append(onnx.numpy_helper.from_array(weight.astype(np.float16), f"{name}_f16"))
+            dequantize.append(onnx.helper.make_node("Cast", [f"{name}_f16"], [name], name=f"{name}_f16_Cast",
+                                                    to=onnx.TensorProto.FLOAT))
+            converted.append(node.name)
+            continue
         # Output channels: Conv (M, C/g, kh, kw) axis 0; Gemm B (N, K) if transB else (K, N); MatMul B (K, N).
         trans_b = any(a.name == "transB" and a.i for a in node.attribute)
         axis = 0 if node.op_type == "Conv" or (node.op_type == "Gemm" and trans_b) else weight.ndim - 1
@@ -593,7 +607,7 @@ def quantize_model(model_dir, calib, out_dir, config=QuantizeConfig(), progress=
         raise ValueError(f"{model_dir} is already quantized ({', '.join(not_fp32) or 'manifest has a quantization recipe'}); "
                          f"quantize the FP32 export it came from")
     calib_images, held_images = _split_images(calib, config)
-    roles = [config.only] if config.only else ["encoder", "decoder"]
+    roles = ["encoder", "decoder"] if config.only == "both" else [config.only]
     with tempfile.TemporaryDirectory(prefix="tinysam-quantize-") as tmp, atomic_directory(out_dir) as staging:
         work = Path(tmp)
         progress(f"calibration set: {len(calib_images)} images through the runtime preprocessing")

@@ -24,8 +24,8 @@ from tinysam_rt.manifest import load_manifest, sha256_file
 from tinysam_rt.predictor import TinySAMPredictor
 
 SMALL = calibration.PromptSampling(points=2, multi_points=1, boxes=1, point_boxes=1, grid_per_side=2, refinements=1, batch=4)
-FAST = quantize.QuantizeConfig(method="minmax", min_images=1, holdout=1, synthetic=0, gate=False, max_excluded=0,
-                               sampling=SMALL)
+FAST = quantize.QuantizeConfig(method="minmax", only="both", min_images=1, holdout=1, synthetic=0, gate=False,
+                               max_excluded=0, sampling=SMALL)
 
 
 # -- pure helpers -----------------------------------------------------------------------------------
@@ -140,6 +140,27 @@ def test_store_weights_int8_keeps_float_compute(tmp_path):
     (y,) = ort.InferenceSession(str(tmp_path / "w8.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})
     np.testing.assert_allclose(y, x @ w, atol=0.05 * np.abs(x @ w).max())
     assert not np.array_equal(y, x @ w)  # really int8 weights, not the float ones
+
+
+def test_store_weights_keeps_float_conv_weights_as_float16(tmp_path):
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(8, 4, 3, 3)).astype(np.float32)
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Conv", ["x", "w"], ["y"], name="conv")], "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4, 6, 6])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 8, 4, 4])],
+        [onnx.numpy_helper.from_array(w, "w")])
+    src = tmp_path / "conv.onnx"
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), src)
+    assert quantize.store_weights_int8(src, ["conv"], tmp_path / "f16.onnx") == ["conv"]
+    model = onnx.load(tmp_path / "f16.onnx")
+    onnx.checker.check_model(model)
+    assert [i.data_type for i in model.graph.initializer] == [onnx.TensorProto.FLOAT16]
+    assert [n.op_type for n in model.graph.node] == ["Cast", "Conv"]
+    x = rng.normal(size=(1, 4, 6, 6)).astype(np.float32)
+    (y,) = ort.InferenceSession(str(tmp_path / "f16.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    (want,) = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    np.testing.assert_allclose(y, want, atol=2e-3 * np.abs(want).max())
 
 
 def _row_error(out, ref):

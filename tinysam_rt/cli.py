@@ -331,8 +331,9 @@ def _add_quantize(subparsers):
     parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="output INT8 model directory")
     parser.add_argument("--method", choices=("auto", "minmax", "entropy", "percentile"), default="auto",
                         help="activation calibration; auto measures all three and keeps the closest to FP32")
-    parser.add_argument("--only", choices=("encoder", "decoder"), default=None,
-                        help="quantize one graph and copy the other unchanged (FP32)")
+    parser.add_argument("--only", choices=("encoder", "decoder", "both"), default="encoder",
+                        help="which graphs to quantize; the others are copied unchanged (FP32). An INT8 "
+                             "decoder replaces the FP32 points decoder, which is faster for point prompts")
     parser.add_argument("--min-images", type=positive_int, default=4, metavar="N",
                         help="calibration images required (besides the held-out ones)")
     parser.add_argument("--holdout", type=int, default=2, metavar="K",
