@@ -1,4 +1,4 @@
-"""Trace-only modules that define the two ONNX graphs of tinysam-rt.
+"""Trace-only modules that define the ONNX graphs of tinysam-rt (encoder, decoder, points decoder).
 
 Mirrors `segment_anything/utils/onnx.py` (`SamOnnxModel`): prompt branches become arithmetic on
 the labels so one graph serves points, boxes and masks. Differences from it: the batch B of

@@ -242,10 +242,9 @@ def parse_manifest(doc, model_dir, where="manifest.json"):
         _graph_spec(model_dir, role, _field(graphs, role, dict, f"{where} graphs"), where)
         for role in GRAPH_ROLES
     )
-    points_decoder = None
-    if "points_decoder" in graphs:
-        points_decoder = _graph_spec(model_dir, "points_decoder",
-                                     _field(graphs, "points_decoder", dict, f"{where} graphs"), where)
+    optional = {role: _graph_spec(model_dir, role, _field(graphs, role, dict, f"{where} graphs"), where)
+                for role in OPTIONAL_GRAPH_ROLES if role in graphs}
+    points_decoder = optional.get("points_decoder")
     weights = _field(doc, "weights", dict, where)
     weights_id = _field(weights, "weights_id", str, where)
     for graph in (encoder, decoder, points_decoder):
