@@ -121,16 +121,21 @@ def test_encoder_input_matches_the_predictor(fp32_model_dir):
     np.testing.assert_array_equal(EncoderSession(manifest.encoder).run(tensor), predictor.embedding.features)
 
 
+def _one_node_model(path, op, name, x_shape, y_shape, w):
+    """Save a model y = op(x, w) with w an initializer; returns path."""
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node(op, ["x", "w"], ["y"], name=name)], "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, x_shape)],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, y_shape)],
+        [onnx.numpy_helper.from_array(w, "w")])
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), path)
+    return path
+
+
 def test_store_weights_int8_keeps_float_compute(tmp_path):
     rng = np.random.default_rng(0)
     w = rng.normal(size=(16, 8)).astype(np.float32)
-    graph = onnx.helper.make_graph(
-        [onnx.helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
-        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [4, 16])],
-        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [4, 8])],
-        [onnx.numpy_helper.from_array(w, "w")])
-    src = tmp_path / "mm.onnx"
-    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), src)
+    src = _one_node_model(tmp_path / "mm.onnx", "MatMul", "mm", [4, 16], [4, 8], w)
     assert quantize.store_weights_int8(src, ["mm"], tmp_path / "w8.onnx") == ["mm"]
     model = onnx.load(tmp_path / "w8.onnx")
     onnx.checker.check_model(model)
@@ -145,13 +150,7 @@ def test_store_weights_int8_keeps_float_compute(tmp_path):
 def test_store_weights_keeps_float_conv_weights_as_float16(tmp_path):
     rng = np.random.default_rng(0)
     w = rng.normal(size=(8, 4, 3, 3)).astype(np.float32)
-    graph = onnx.helper.make_graph(
-        [onnx.helper.make_node("Conv", ["x", "w"], ["y"], name="conv")], "g",
-        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4, 6, 6])],
-        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 8, 4, 4])],
-        [onnx.numpy_helper.from_array(w, "w")])
-    src = tmp_path / "conv.onnx"
-    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), src)
+    src = _one_node_model(tmp_path / "conv.onnx", "Conv", "conv", [1, 4, 6, 6], [1, 8, 4, 4], w)
     assert quantize.store_weights_int8(src, ["conv"], tmp_path / "f16.onnx") == ["conv"]
     model = onnx.load(tmp_path / "f16.onnx")
     onnx.checker.check_model(model)
