@@ -113,10 +113,10 @@ def _machine_line(system, load_start, load_end):
 
 
 CONTENTION_NOTE = (
-    "This is a shared 2-vCPU VM on which other helpers ran CPU-heavy jobs (exports, tests, "
-    "quantization) during these measurements. Read the min column beside p50, and the cpu/wall "
-    "and run-queue-wait columns: cpu/wall well below the thread count, or a run-queue wait "
-    "comparable to the stage time, means the process was waiting for a core, not computing.")
+    "This is a shared 2-vCPU VM; the load averages above say how busy it was. Read the min column "
+    "beside p50, and the cpu/wall and run-queue-wait columns: cpu/wall well below the thread count, "
+    "or a run-queue wait comparable to the stage time, means the process was waiting for a core, "
+    "not computing.")
 
 
 def quantization_lines(models):
