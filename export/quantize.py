@@ -59,7 +59,7 @@ OP_TYPES = {"encoder": ("Gemm", "MatMul", "Conv"), "decoder": ("Gemm", "MatMul")
 # When quantizing OP_TYPES is still over budget after the most sensitive nodes were kept in float,
 # these smaller sets are tried: first drop the op types whose integer kernels buy least
 # (attention MatMul, then Conv: benchmarks/RESULTS.md, "INT8 quantization"). Dropped op types
-# compute in float with int8 weights.
+# compute in float with compactly stored weights (`store_weights_compact`).
 OP_TYPE_LADDER = {"encoder": (("Gemm", "Conv"), ("Gemm",)), "decoder": (("Gemm",),)}
 FLOAT_OUTPUT_OPS = ("Gemm", "MatMul")  # -> QGemm / MatMulIntegerToFloat with float outputs
 INT8_FILES = {"encoder": "encoder.int8.onnx", "decoder": "decoder.int8.onnx"}
@@ -188,13 +188,13 @@ def quantize_qdq(prepared, out, reader, method, op_types, exclude, cache, reduce
 
 def quantize_graph(prepared, out, reader, method, role, exclude, config, cache, op_types=None):
     """`quantize_qdq` with the recipe's op types for `role` (or `op_types`) and the config's
-    reduce_range; nodes of the role's other op types and `exclude` compute in float with int8
-    weights (`store_weights_int8`), so the file stays small."""
+    reduce_range; nodes of the role's other op types and `exclude` compute in float with compactly
+    stored weights (`store_weights_compact`), so the file stays small."""
     op_types = op_types or OP_TYPES[role]
     quantize_qdq(prepared, out, reader, method, op_types, exclude, cache, config.reduce_range)
     floated = list(exclude) + graph_nodes(prepared, set(OP_TYPES[role]) - set(op_types))
     if floated:
-        store_weights_int8(out, floated, out)
+        store_weights_compact(out, floated, out)
     return out
 
 
@@ -211,7 +211,7 @@ def quantize_dynamic_baseline(src, out, work):
     return out
 
 
-def store_weights_int8(path, nodes, out):
+def store_weights_compact(path, nodes, out):
     """Keep `nodes` computing in float but store their weights compactly.
 
     Nodes kept in float by the sensitivity search would otherwise keep FP32 weights and push
@@ -521,7 +521,8 @@ def search_graph(role, prepared, reader, scorer, config, work, progress):
         "per_channel": True,
         "reduce_range": config.reduce_range,
         "excluded_nodes": excluded,
-        "excluded_nodes_storage": "int8 weights (per-channel, symmetric) + DequantizeLinear, float compute",
+        "excluded_nodes_storage": ("float compute; Gemm/MatMul weights int8 (per-channel, symmetric) + "
+                                   "DequantizeLinear, Conv weights float16 + Cast"),
         "sensitivity_top": {n: round(errors[n], 7) for n in sorted(errors, key=errors.get, reverse=True)[:16]},
         "preparation": "ORT extended-level fusions (lookup tables kept unfolded), quant_pre_process shape inference",
     }

@@ -132,11 +132,11 @@ def _one_node_model(path, op, name, x_shape, y_shape, w):
     return path
 
 
-def test_store_weights_int8_keeps_float_compute(tmp_path):
+def test_store_weights_compact_keeps_float_compute(tmp_path):
     rng = np.random.default_rng(0)
     w = rng.normal(size=(16, 8)).astype(np.float32)
     src = _one_node_model(tmp_path / "mm.onnx", "MatMul", "mm", [4, 16], [4, 8], w)
-    assert quantize.store_weights_int8(src, ["mm"], tmp_path / "w8.onnx") == ["mm"]
+    assert quantize.store_weights_compact(src, ["mm"], tmp_path / "w8.onnx") == ["mm"]
     model = onnx.load(tmp_path / "w8.onnx")
     onnx.checker.check_model(model)
     stored = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
@@ -151,7 +151,7 @@ def test_store_weights_keeps_float_conv_weights_as_float16(tmp_path):
     rng = np.random.default_rng(0)
     w = rng.normal(size=(8, 4, 3, 3)).astype(np.float32)
     src = _one_node_model(tmp_path / "conv.onnx", "Conv", "conv", [1, 4, 6, 6], [1, 8, 4, 4], w)
-    assert quantize.store_weights_int8(src, ["conv"], tmp_path / "f16.onnx") == ["conv"]
+    assert quantize.store_weights_compact(src, ["conv"], tmp_path / "f16.onnx") == ["conv"]
     model = onnx.load(tmp_path / "f16.onnx")
     onnx.checker.check_model(model)
     assert [i.data_type for i in model.graph.initializer] == [onnx.TensorProto.FLOAT16]
