@@ -20,7 +20,7 @@ from conftest import synthetic_image
 from tinysam_export import calibration, fidelity, quantize
 from tinysam_rt import cli, prompts
 from tinysam_rt.io import load_image, write_png
-from tinysam_rt.manifest import load_manifest, sha256_file
+from tinysam_rt.manifest import load_manifest
 from tinysam_rt.predictor import TinySAMPredictor
 
 SMALL = calibration.PromptSampling(points=2, multi_points=1, boxes=1, point_boxes=1, grid_per_side=2, refinements=1, batch=4)
