@@ -116,6 +116,12 @@ def check_config(config):
             raise ValueError(f"{name} must be in [0, 1], got {getattr(config, name)!r}")
 
 
+def check_out_dir(model_dir, out_dir):
+    """Raise ValueError when the output would replace the FP32 model it is measured against."""
+    if Path(out_dir).resolve() == Path(model_dir).resolve():
+        raise ValueError(f"--out must differ from --model ({model_dir}): the FP32 model is the reference")
+
+
 # -- graph preparation and quantization -----------------------------------------------------------
 
 def prepare_graph(src, dst):
@@ -602,8 +608,7 @@ def quantize_model(model_dir, calib, out_dir, config=QuantizeConfig(), progress=
     progress = progress or (lambda line: logger.info("%s", line))
     check_config(config)
     manifest = manifest_mod.load_manifest(model_dir)
-    if Path(out_dir).resolve() == Path(model_dir).resolve():
-        raise ValueError(f"out_dir must differ from model_dir ({model_dir}): the FP32 model is the reference")
+    check_out_dir(model_dir, out_dir)
     not_fp32 = [f"{g.role} is {g.precision}" for g in manifest.graphs if g.precision != "fp32"]
     if not_fp32 or manifest.quantization is not None:
         raise ValueError(f"{model_dir} is already quantized ({', '.join(not_fp32) or 'manifest has a quantization recipe'}); "

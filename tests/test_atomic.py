@@ -251,6 +251,18 @@ def test_export_failing_its_smoke_run_keeps_the_old_model(fp32_model_dir, tmp_pa
     assert mf.load_manifest(target).weights_id == "random-seed-0"
 
 
+def _kill_once(child, staged, timeout_s, too_late):
+    """SIGKILL `child` as soon as `staged()` returns something (polling), asserting it still runs."""
+    try:
+        start = time.monotonic()
+        while time.monotonic() - start < timeout_s and child.poll() is None and not staged():
+            time.sleep(0.05)
+        assert child.poll() is None, f"{too_late} before it could be interrupted"
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=30)
+
+
 @pytest.mark.torch
 def test_export_killed_mid_write_keeps_the_old_model(fp32_model_dir, tmp_path):
     """SIGKILL a real `python -m tinysam_export.export_onnx` once it has started writing graphs."""
@@ -259,17 +271,8 @@ def test_export_killed_mid_write_keeps_the_old_model(fp32_model_dir, tmp_path):
     before = _tree(target)
     child = subprocess.Popen([sys.executable, "-m", "tinysam_export.export_onnx", "--random-seed", "1", "--out", str(target)],
                              cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        start = time.monotonic()
-        while time.monotonic() - start < 600 and child.poll() is None:
-            staged = [p for d in tmp_path.glob(".vit_t.*.tmp") for p in d.iterdir()]
-            if staged:  # the encoder graph is being (or has been) written into the temp directory
-                break
-            time.sleep(0.05)
-        assert child.poll() is None, "export finished before it could be interrupted"
-    finally:
-        child.send_signal(signal.SIGKILL)
-        child.wait(timeout=30)
+    # Once the encoder graph is being (or has been) written into the temp directory.
+    _kill_once(child, lambda: [p for d in tmp_path.glob(".vit_t.*.tmp") for p in d.iterdir()], 600, "export finished")
     assert _tree(target) == before
     assert mf.load_manifest(target).weights_id == "random-seed-0"  # sha256-verified, still loadable
 
@@ -300,16 +303,8 @@ def test_quantize_killed_mid_write_keeps_the_old_output(fp32_model_dir, tmp_path
     before = _tree(target)
     child = subprocess.Popen([sys.executable, "-c", _QUANTIZE, str(fp32_model_dir), str(calib), str(target)],
                              cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        start = time.monotonic()
-        while time.monotonic() - start < 900 and child.poll() is None:
-            staged = [p for d in tmp_path.glob(".vit_t-int8.*.tmp") for p in d.glob("*.onnx")]
-            if staged:  # an INT8 graph is already in the staging directory
-                break
-            time.sleep(0.05)
-        assert child.poll() is None, "quantize finished (or failed) before it could be interrupted"
-    finally:
-        child.send_signal(signal.SIGKILL)
-        child.wait(timeout=30)
+    # Once an INT8 graph is already in the staging directory.
+    _kill_once(child, lambda: [p for d in tmp_path.glob(".vit_t-int8.*.tmp") for p in d.glob("*.onnx")], 900,
+               "quantize finished (or failed)")
     assert _tree(target) == before
     assert mf.load_manifest(target).decoder.precision == "fp32"  # the old model, sha256-verified

@@ -285,7 +285,8 @@ def _cmd_quantize(args):
     try:
         from tinysam_export.calibration import PromptSampling
         from tinysam_export.fidelity import report_markdown
-        from tinysam_export.quantize import GateFailedError, QuantizeConfig, check_config, quantize_model
+        from tinysam_export.quantize import (GateFailedError, QuantizeConfig, check_config, check_out_dir,
+                                             quantize_model)
     except ImportError as exc:
         raise RuntimeError(f"`tinysam quantize` needs the quantize extra: pip install 'tinysam-rt[quantize]' ({exc})") from None
 
@@ -300,10 +301,9 @@ def _cmd_quantize(args):
                             sampling=PromptSampling())
     try:
         check_config(config)
+        check_out_dir(args.model, args.out)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    if args.out.resolve() == args.model.resolve():
-        raise UsageError(f"--out must differ from --model ({args.model}): the FP32 model is the reference")
     try:
         report = quantize_model(args.model, args.calib, args.out, config,
                                 progress=lambda line: print(f"tinysam quantize: {line}", file=sys.stderr, flush=True))
