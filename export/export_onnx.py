@@ -17,6 +17,7 @@ import argparse
 import datetime
 import json
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -31,7 +32,8 @@ from tinysam_rt.atomic import atomic_directory
 from tinysam_rt.sessions import DecoderSession, EncoderSession, PointsDecoderSession
 from tinysam_export.metadata import stamp_weights_id
 from tinysam_export.model.build import IMAGE_SIZE, MASK_TOKENS, PIXEL_MEAN, PIXEL_STD, build_tinysam
-from tinysam_export.onnx_wrappers import DecoderOnnx, EncoderOnnx, PointsDecoderOnnx
+from tinysam_export.onnx_scan import scan_over_batch
+from tinysam_export.onnx_wrappers import DecoderOnnx, EncoderOnnx, PointsDecoderOnnx, UpscalerOnnx
 
 ENCODER_FILE = "encoder.onnx"
 DECODER_FILE = "decoder.onnx"
@@ -122,10 +124,32 @@ def export_decoder(model, path, opset=17):
 
 
 def export_points_decoder(model, path, opset=17):
-    """Write the points-only decoder graph (POINTS_DECODER_INPUTS -> POINTS_DECODER_OUTPUTS)."""
+    """Write the points-only decoder graph (POINTS_DECODER_INPUTS -> POINTS_DECODER_OUTPUTS).
+
+    Two traces joined by `onnx_scan.scan_over_batch`: `PointsDecoderOnnx` for the B prompts up to
+    the upscaler, then a Scan running `UpscalerOnnx` once per prompt.
+    """
     inputs, outputs = manifest_mod.POINTS_DECODER_INPUTS, manifest_mod.POINTS_DECODER_OUTPUTS
-    _torch_export(PointsDecoderOnnx(model).eval(), _example_decoder_inputs(TRACE_B, TRACE_N)[:3], path,
-                  inputs, outputs, _dynamic_axes(inputs + outputs), opset)
+    (masks_name, (_, masks, h, w)), (iou_name, iou_shape) = outputs
+    grid_h, grid_w = model.prompt_encoder.image_embedding_size  # 64 x 64 image tokens
+    channels = model.mask_decoder.transformer_dim  # 256
+    hyper_channels = model.mask_decoder.output_upscaling[3].out_channels  # 32
+    tokens_shape, hyper_shape = ("B", grid_h * grid_w, channels), ("B", masks, hyper_channels)
+    head_outputs = (("image_tokens", tokens_shape), ("hyper_in", hyper_shape), (iou_name, iou_shape))
+    body_inputs = [("image_tokens", tokens_shape[1:]), ("hyper_in", hyper_shape[1:])]
+    example = _example_decoder_inputs(TRACE_B, TRACE_N)[:3]
+    with tempfile.TemporaryDirectory(prefix="tinysam-export-") as tmp:
+        head_path, body_path = Path(tmp) / "head.onnx", Path(tmp) / "upscale.onnx"
+        _torch_export(PointsDecoderOnnx(model).eval(), example, head_path, inputs, head_outputs,
+                      _dynamic_axes(inputs + head_outputs), opset)
+        with torch.no_grad():
+            tokens, hyper_in, _ = PointsDecoderOnnx(model).eval()(*example)
+        _torch_export(UpscalerOnnx(model).eval(), (tokens[0], hyper_in[0]), body_path, body_inputs,
+                      [(masks_name, (masks, h, w))], None, opset)
+        joined = scan_over_batch(onnx.load(str(head_path)), onnx.load(str(body_path)), ["image_tokens", "hyper_in"],
+                                 [masks_name], [masks_name, iou_name], prefix="upscale/")
+    onnx.save(joined, str(path))
+    _set_output_shapes(path, outputs)
 
 
 def build_manifest(model_dir, weights, opset):

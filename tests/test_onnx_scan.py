@@ -1,0 +1,70 @@
+"""export/onnx_scan.py: a traced per-item graph spliced in as a Scan over the batch axis."""
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+import onnxruntime as ort  # noqa: E402
+
+from tinysam_export.onnx_scan import scan_over_batch  # noqa: E402
+
+OPSET = [helper.make_opsetid("", 17)]
+
+
+def _outer():
+    """x (B, 3) -> y = x * w_outer (B, 3), z = x + 1 (B, 3); `w` names an initializer here too."""
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "w"], ["y"], name="mul"), helper.make_node("Add", ["x", "one"], ["z"], name="add")],
+        "outer", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", 3]),
+         helper.make_tensor_value_info("z", TensorProto.FLOAT, ["B", 3])],
+        [numpy_helper.from_array(np.array([1, 2, 3], np.float32), "w"),
+         numpy_helper.from_array(np.array(1, np.float32), "one")])
+    return helper.make_model(graph, opset_imports=OPSET)
+
+
+def _body():
+    """One item: y (3,), z (3,) -> s = sum(y * w_body) (scalar) and m = z @ M (2,).
+
+    Its names `w`, `mul` and `y` are also outer names: the splice must keep them apart."""
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["y", "w"], ["prod"], name="mul"),
+         helper.make_node("ReduceSum", ["prod"], ["s"], name="sum", keepdims=0),
+         helper.make_node("MatMul", ["z", "M"], ["m"], name="matmul")],
+        "body", [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3]),
+                 helper.make_tensor_value_info("z", TensorProto.FLOAT, [3])],
+        [helper.make_tensor_value_info("s", TensorProto.FLOAT, []),
+         helper.make_tensor_value_info("m", TensorProto.FLOAT, [2])],
+        [numpy_helper.from_array(np.array([10, 20, 30], np.float32), "w"),
+         numpy_helper.from_array(np.arange(6, dtype=np.float32).reshape(3, 2), "M")])
+    return helper.make_model(graph, opset_imports=OPSET)
+
+
+def test_scan_runs_the_body_once_per_item_with_its_own_names():
+    model = scan_over_batch(_outer(), _body(), ["y", "z"], ["sums", "mats"], ["mats", "z", "sums"], prefix="item/")
+    assert [o.name for o in model.graph.output] == ["mats", "z", "sums"]
+    dims = [[d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim] for o in model.graph.output]
+    assert dims == [["B", 2], ["B", 3], ["B"]]
+    x = np.arange(12, dtype=np.float32).reshape(4, 3) - 5
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    mats, z, sums = session.run(None, {"x": x})
+    y = x * np.array([1, 2, 3], np.float32)  # the outer `w`, not the body's
+    np.testing.assert_allclose(sums, (y * np.array([10, 20, 30], np.float32)).sum(1))
+    np.testing.assert_allclose(mats, (x + 1) @ np.arange(6, dtype=np.float32).reshape(3, 2))
+    np.testing.assert_allclose(z, x + 1)
+
+
+def test_mismatched_counts_and_unknown_outputs_are_named():
+    with pytest.raises(ValueError, match="body has 2 inputs"):
+        scan_over_batch(_outer(), _body(), ["y"], ["sums", "mats"], ["sums"], prefix="item/")
+    with pytest.raises(ValueError, match="'nope'"):
+        scan_over_batch(_outer(), _body(), ["y", "z"], ["sums", "mats"], ["nope"], prefix="item/")
+
+
+def test_a_body_with_another_opset_is_refused():
+    body = _body()
+    body.opset_import[0].version = 18
+    with pytest.raises(ValueError, match="opsets"):
+        scan_over_batch(_outer(), body, ["y", "z"], ["sums", "mats"], ["sums"], prefix="item/")
