@@ -113,12 +113,12 @@ def _point_set_diff(ours, theirs, tol=1e-3):
 def compare(ours, theirs):
     """Per reference mask: the best IoU among our masks from the same prompt point, and the
     |difference| of predicted IoU and stability score for that match."""
-    by_point = {}
-    for record in ours:
-        by_point.setdefault(tuple(np.round(record["point_coords"][0], 2)), []).append(record)
+    # Matched within 1e-3 px, not by rounded keys: TinySAM's dense points go through x / W * W.
+    our_points = np.array([record["point_coords"][0] for record in ours]).reshape(-1, 2)
     ious, d_iou, d_stab = [], [], []
     for record in theirs:
-        candidates = by_point.get(tuple(np.round(record["point_coords"][0], 2)), [])
+        near = np.abs(our_points - np.asarray(record["point_coords"][0])).max(axis=1) <= 1e-3
+        candidates = [ours[i] for i in np.flatnonzero(near)]
         if not candidates:
             ious.append(0.0)
             continue
