@@ -57,7 +57,7 @@ class AmgConfig:
 
     points_per_side: Optional[int] = 32  # int: grid points per image side (N x N prompts); None: use point_grids
     points_per_batch: int = 16  # prompts per decoder run; not SAM's 64: measured, the FP32 decoder's time
-    # per prompt is flat from 1 to 128 while ORT's peak memory grows with it (32x32 run: 1.3 GiB at 16, 3.9 at 64)
+    # per prompt is flat from 1 to 128 while ORT's peak memory grows with it (32x32 run: 0.9 GiB at 16, 2.3 at 64)
     pred_iou_thresh: float = 0.88  # keep masks whose predicted IoU is > this (0 disables), in [0, 1]
     stability_score_thresh: float = 0.95  # keep masks whose stability score is >= this (0 disables)
     stability_score_offset: float = 1.0  # logit shift of the two cut-offs the stability score compares
