@@ -32,18 +32,19 @@ def mask_iou(a, b):
     return np.where(union == 0, 1.0, inter / np.maximum(union, 1))
 
 
-def select_best(low_res, iou):
+def select_best(low_res, iou, tokens=None):
     """SAM's multimask_output=False choice: the mask with the highest predicted IoU.
 
     Args:
         low_res: (B, 3, 256, 256) float32 logits; iou: (B, 3) float32.
+        tokens: (B,) int to take these masks instead of the highest-scoring ones.
 
     Returns:
-        logits (B, 256, 256) float32, scores (B,) float32.
+        logits (B, 256, 256) float32, scores (B,) float32, the chosen tokens (B,) int.
     """
-    best = np.argmax(iou, axis=1)  # (B,)
+    best = np.argmax(iou, axis=1) if tokens is None else np.asarray(tokens)  # (B,)
     rows = np.arange(len(best))
-    return low_res[rows, best], iou[rows, best]
+    return low_res[rows, best], iou[rows, best], best
 
 
 def budget_used(losses, budgets):
@@ -66,25 +67,36 @@ def refine_input(decoder, embeddings, coords, labels):
     return select_best(low_res, iou)[0][:, None]
 
 
-def decode_prompts(decoder, embeddings, input_size, batches):
+def decode_prompts(decoder, embeddings, input_size, batches, tokens=None):
     """Every prompt through a decoder as the runtime runs it, keeping SAM's selected mask.
 
     Args:
         decoder: tinysam_rt DecoderSession.
         embeddings: (1, 256, 64, 64) float32; input_size: (h, w) in the 1024 frame.
         batches: from calibration.sample_prompts.
+        tokens: (P,) int, another model's choices: also return this decoder's masks at them.
 
     Returns:
-        masks (P, h, w) bool selected masks, scores (P,) float32.
+        masks (P, h, w) bool selected masks, scores (P,) float32, chosen tokens (P,) int, and
+        (P, h, w) bool masks at `tokens` (None without `tokens`).
     """
-    masks, scores = [], []
+    masks, scores, chosen, at_tokens, start = [], [], [], [], 0
+
+    def upscale(logits):
+        return postprocess.upscale_logits(logits[:, None], input_size, input_size)[:, 0] > 0.0
+
     for kind, coords, labels in batches:
         mask_input = refine_input(decoder, embeddings, coords, labels) if kind == "refine" else None
         low_res, iou = decoder.run(**calibration.decoder_feeds(embeddings, coords, labels, mask_input))
-        best, score = select_best(low_res, iou)  # (B, 256, 256), (B,)
-        masks.append(postprocess.upscale_logits(best[:, None], input_size, input_size)[:, 0] > 0.0)
+        best, score, choice = select_best(low_res, iou)  # (B, 256, 256), (B,), (B,)
+        masks.append(upscale(best))
         scores.append(score)
-    return np.concatenate(masks), np.concatenate(scores)
+        chosen.append(choice)
+        if tokens is not None:
+            at_tokens.append(upscale(select_best(low_res, iou, tokens[start:start + len(choice)])[0]))
+        start += len(choice)
+    return (np.concatenate(masks), np.concatenate(scores), np.concatenate(chosen),
+            np.concatenate(at_tokens) if tokens is not None else None)
 
 
 def evaluate(pipelines, images, pre, sampling, seed):
@@ -99,9 +111,11 @@ def evaluate(pipelines, images, pre, sampling, seed):
 
     Returns:
         dict name -> metrics: embedding cosine mean/min, selected-mask IoU mean/worst,
-        |score difference| mean/max, prompt and image counts.
+        |score difference| mean/max, how often the selection matches FP32's and the mask IoU at
+        FP32's selection, prompt and image counts.
     """
-    acc = {name: {"cos": [], "iou": [], "dscore": []} for name in pipelines if name != "fp32"}
+    acc = {name: {"cos": [], "iou": [], "dscore": [], "same_choice": [], "same_token_iou": []}
+           for name in pipelines if name != "fp32"}
     for index, (_, image) in enumerate(images):
         tensor, input_size = calibration.encoder_input(image, pre)
         batches = calibration.sample_prompts(input_size, np.random.default_rng(seed + index), sampling)
@@ -110,14 +124,16 @@ def evaluate(pipelines, images, pre, sampling, seed):
             if id(encoder) not in embeddings:
                 embeddings[id(encoder)] = encoder.run(tensor)  # (1, 256, 64, 64)
         ref_emb = embeddings[id(pipelines["fp32"][0])]
-        ref_masks, ref_scores = decode_prompts(pipelines["fp32"][1], ref_emb, input_size, batches)
+        ref_masks, ref_scores, ref_choice, _ = decode_prompts(pipelines["fp32"][1], ref_emb, input_size, batches)
         for name, values in acc.items():
             encoder, decoder = pipelines[name]
             emb = embeddings[id(encoder)]
-            masks, scores = decode_prompts(decoder, emb, input_size, batches)
+            masks, scores, choice, at_ref_choice = decode_prompts(decoder, emb, input_size, batches, ref_choice)
             values["cos"].append(cosine(emb, ref_emb))
             values["iou"].extend(mask_iou(masks, ref_masks).tolist())
             values["dscore"].extend(np.abs(scores - ref_scores).tolist())
+            values["same_choice"].extend((choice == ref_choice).tolist())
+            values["same_token_iou"].extend(mask_iou(at_ref_choice, ref_masks).tolist())
     return {
         name: {
             "embedding_cosine_mean": round(float(np.mean(v["cos"])), 6),
@@ -126,6 +142,10 @@ def evaluate(pipelines, images, pre, sampling, seed):
             "mask_iou_worst": round(float(np.min(v["iou"])), 5),
             "score_abs_diff_mean": round(float(np.mean(v["dscore"])), 5),
             "score_abs_diff_max": round(float(np.max(v["dscore"])), 5),
+            # Diagnostics, not gated: how often the model picks the mask FP32 picks, and the IoU
+            # of its mask at FP32's pick (a changed pick between near-tied scores is the other loss).
+            "selection_agreement": round(float(np.mean(v["same_choice"])), 5),
+            "same_token_mask_iou_mean": round(float(np.mean(v["same_token_iou"])), 5),
             "prompts": len(v["iou"]),
             "images": len(v["cos"]),
         }
@@ -155,6 +175,14 @@ def gate_failures(fidelity, encoder_ratio, min_cosine, min_mask_iou, max_size_ra
     return failures
 
 
+def _fraction(value):
+    return "-" if value is None else f"{value:.1%}"
+
+
+def _number(value):
+    return "-" if value is None else f"{value:.4f}"
+
+
 def report_markdown(report):
     """The fidelity and size tables of a `tinysam quantize` report, as markdown."""
     gate = report["gate"]
@@ -167,13 +195,15 @@ def report_markdown(report):
         f"mean selected-mask IoU >= {gate['min_mask_iou']}, static at least as close as dynamic, "
         f"INT8 encoder <= {gate['max_size_ratio']:.0%} of FP32.",
         "",
-        "| vs FP32 | cosine mean | cosine min | mask IoU mean | mask IoU worst | abs d-score mean | abs d-score max |",
-        "|---|---|---|---|---|---|---|",
+        "| vs FP32 | cosine mean | cosine min | mask IoU mean | mask IoU worst | abs d-score mean | abs d-score max "
+        "| same mask chosen | mask IoU at FP32's choice |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, m in report["fidelity"].items():
         lines.append(f"| {name} | {m['embedding_cosine_mean']:.5f} | {m['embedding_cosine_min']:.5f} | "
                      f"{m['mask_iou_mean']:.4f} | {m['mask_iou_worst']:.4f} | {m['score_abs_diff_mean']:.4f} | "
-                     f"{m['score_abs_diff_max']:.4f} |")
+                     f"{m['score_abs_diff_max']:.4f} | {_fraction(m.get('selection_agreement'))} | "
+                     f"{_number(m.get('same_token_mask_iou_mean'))} |")
     lines += ["", "| graph | precision | FP32 MB | static MB | ratio | dynamic MB | method | nodes kept float |",
               "|---|---|---|---|---|---|---|---|"]
     for role, size in report["sizes"].items():

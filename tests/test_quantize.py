@@ -20,7 +20,7 @@ from conftest import synthetic_image
 from tinysam_export import calibration, fidelity, quantize
 from tinysam_rt import cli, prompts
 from tinysam_rt.io import load_image, write_png
-from tinysam_rt.manifest import load_manifest
+from tinysam_rt.manifest import Preprocess, load_manifest
 from tinysam_rt.predictor import TinySAMPredictor
 
 SMALL = calibration.PromptSampling(points=2, multi_points=1, boxes=1, point_boxes=1, grid_per_side=2, refinements=1, batch=4)
@@ -44,9 +44,50 @@ def test_mask_iou_and_cosine():
 def test_select_best_takes_highest_predicted_iou():
     low_res = np.arange(2 * 3 * 2 * 2, dtype=np.float32).reshape(2, 3, 2, 2)
     iou = np.array([[0.1, 0.9, 0.2], [0.7, 0.1, 0.3]], np.float32)
-    best, scores = fidelity.select_best(low_res, iou)
+    best, scores, tokens = fidelity.select_best(low_res, iou)
     np.testing.assert_array_equal(best, low_res[[0, 1], [1, 0]])
     np.testing.assert_array_equal(scores, iou[[0, 1], [1, 0]])
+    np.testing.assert_array_equal(tokens, [1, 0])
+    # Another model's choices: its masks at those tokens, whatever its own scores say.
+    at, at_scores, at_tokens = fidelity.select_best(low_res, iou, tokens=[2, 2])
+    np.testing.assert_array_equal(at, low_res[[0, 1], [2, 2]])
+    np.testing.assert_array_equal(at_tokens, [2, 2])
+
+
+SAM_PREPROCESS = Preprocess(image_size=1024, pixel_mean=(123.675, 116.28, 103.53), pixel_std=(58.395, 57.12, 57.375),
+                            pad_value=0.0)
+
+
+class _FixedDecoder:
+    """A decoder session stand-in: token k's mask is the left (k + 1) / 4 of the frame; fixed IoU scores."""
+
+    def __init__(self, scores):
+        self.scores = np.asarray(scores, np.float32)
+
+    def run(self, image_embeddings, point_coords, point_labels, mask_input, has_mask_input):
+        b = len(point_coords)
+        cols = np.arange(256)[None, :]
+        low_res = np.stack([np.where(cols < 64 * (k + 1), 5.0, -5.0) * np.ones((256, 1)) for k in range(3)])
+        return np.broadcast_to(low_res, (b, 3, 256, 256)).astype(np.float32), np.tile(self.scores, (b, 1))
+
+
+class _ZeroEncoder:
+    def run(self, tensor):
+        return np.zeros((1, 256, 64, 64), np.float32)
+
+
+def test_fidelity_separates_a_changed_selection_from_changed_masks():
+    """Same masks, reversed IoU ranking: every selection differs from FP32's, yet the masks at
+    FP32's choices are identical. The gated metric counts the changed choice as a miss."""
+    encoder = _ZeroEncoder()
+    pipelines = {"fp32": (encoder, _FixedDecoder([0.9, 0.5, 0.1])), "static": (encoder, _FixedDecoder([0.1, 0.5, 0.9])),
+                 "dynamic": (encoder, _FixedDecoder([0.9, 0.5, 0.1]))}
+    image = synthetic_image(64, 80, seed=3)
+    result = fidelity.evaluate(pipelines, [("a", image)], SAM_PREPROCESS, SMALL, seed=0)
+    static, dynamic = result["static"], result["dynamic"]
+    assert static["selection_agreement"] == 0.0 and static["same_token_mask_iou_mean"] == 1.0
+    assert static["mask_iou_mean"] == pytest.approx(1 / 3, abs=1e-4)  # left quarter vs left three quarters
+    assert dynamic["selection_agreement"] == 1.0 and dynamic["mask_iou_mean"] == dynamic["same_token_mask_iou_mean"] == 1.0
 
 
 def test_budget_used_is_the_worst_metric():
@@ -355,6 +396,14 @@ def test_quantized_model_loads_and_predicts(int8_dir, fp32_model_dir, calib_dir)
     # Same weights, quantized: embeddings close (the held-out gate numbers are in the report).
     assert fidelity.cosine(int8.embedding.features, reference.embedding.features) > 0.95
     assert report["fidelity"]["static"]["embedding_cosine_min"] > 0.95
+    for metrics in report["fidelity"].values():
+        # Fractions of the held-out prompts; with every selection equal to FP32's the two IoUs
+        # measure the same masks.
+        assert 0.0 <= metrics["selection_agreement"] <= 1.0
+        assert 0.0 <= metrics["same_token_mask_iou_mean"] <= 1.0
+        if metrics["selection_agreement"] == 1.0:
+            assert metrics["same_token_mask_iou_mean"] == metrics["mask_iou_mean"]
+    assert "| same mask chosen |" in (out / "quantization_report.md").read_text()
 
 
 def test_failed_gate_writes_nothing_and_keeps_previous_output(fp32_model_dir, calib_dir, tmp_path):
