@@ -16,8 +16,8 @@ constants and handles the dynamic B and N axes of the decoder.
 import argparse
 import datetime
 import json
+import io
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -30,7 +30,7 @@ import tinysam_rt
 from tinysam_rt import manifest as manifest_mod
 from tinysam_rt.atomic import atomic_directory
 from tinysam_rt.sessions import DecoderSession, EncoderSession, PointsDecoderSession
-from tinysam_export.metadata import stamp_weights_id
+from tinysam_export.metadata import set_weights_id
 from tinysam_export.model.build import IMAGE_SIZE, MASK_TOKENS, PIXEL_MEAN, PIXEL_STD, build_tinysam
 from tinysam_export.onnx_scan import scan_over_batch
 from tinysam_export.onnx_wrappers import DecoderOnnx, EncoderOnnx, PointsDecoderOnnx, UpscalerOnnx
@@ -70,9 +70,9 @@ def _example_decoder_inputs(batch, num_points):
     return image_embeddings, coords, labels, mask_input, has_mask_input
 
 
-def _set_output_shapes(path, outputs):
-    """Write the contract's output shapes into the graph (the tracer leaves some axes unnamed)."""
-    model = onnx.load(str(path))
+def _write_graph(model, path, outputs, weights_id):
+    """Save a traced graph once: the contract's output shapes written in (the tracer leaves some
+    axes unnamed), the weights_id stamped in its metadata, checked by onnx.checker."""
     by_name = {out.name: out for out in model.graph.output}
     for name, shape in outputs:
         dims = by_name[name].type.tensor_type.shape.dim
@@ -83,12 +83,15 @@ def _set_output_shapes(path, outputs):
                 dim.dim_value = axis
             else:
                 dim.dim_param = axis
+    set_weights_id(model, weights_id)
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
 
 
-def _torch_export(module, args, path, inputs, outputs, dynamic_axes, opset):
+def _torch_export(module, args, inputs, outputs, dynamic_axes, opset):
+    """Trace `module` to an in-memory ModelProto with the contract's input and output names."""
     names = [name for name, _ in inputs], [name for name, _ in outputs]
+    buffer = io.BytesIO()
     with torch.no_grad(), warnings.catch_warnings():
         # Expected and harmless here: the TorchScript exporter is chosen deliberately (see module
         # docstring), B and N are declared dynamic, and unfoldable slices are left to ORT.
@@ -97,17 +100,18 @@ def _torch_export(module, args, path, inputs, outputs, dynamic_axes, opset):
         warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx\.")
         warnings.filterwarnings("ignore", message="Constant folding - Only steps=1", category=UserWarning)
         torch.onnx.export(
-            module, args, str(path), dynamo=False, opset_version=opset, do_constant_folding=True,
+            module, args, buffer, dynamo=False, opset_version=opset, do_constant_folding=True,
             input_names=names[0], output_names=names[1], dynamic_axes=dynamic_axes,
         )
-    _set_output_shapes(path, outputs)
+    return onnx.load_from_string(buffer.getvalue())
 
 
-def export_encoder(model, path, opset=17):
+def export_encoder(model, path, weights_id, opset=17):
     """Write the image encoder graph (ENCODER_INPUTS -> ENCODER_OUTPUTS) to `path`."""
     image = torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(0))
-    _torch_export(EncoderOnnx(model).eval(), (image,), path, manifest_mod.ENCODER_INPUTS,
-                  manifest_mod.ENCODER_OUTPUTS, None, opset)
+    outputs = manifest_mod.ENCODER_OUTPUTS
+    graph = _torch_export(EncoderOnnx(model).eval(), (image,), manifest_mod.ENCODER_INPUTS, outputs, None, opset)
+    _write_graph(graph, path, outputs, weights_id)
 
 
 def _dynamic_axes(tensors):
@@ -116,14 +120,15 @@ def _dynamic_axes(tensors):
             for name, shape in tensors if any(isinstance(dim, str) for dim in shape)}
 
 
-def export_decoder(model, path, opset=17):
+def export_decoder(model, path, weights_id, opset=17):
     """Write the prompt-encoder + mask-decoder graph (DECODER_INPUTS -> DECODER_OUTPUTS), B and N dynamic."""
-    _torch_export(DecoderOnnx(model).eval(), _example_decoder_inputs(TRACE_B, TRACE_N), path,
-                  manifest_mod.DECODER_INPUTS, manifest_mod.DECODER_OUTPUTS,
-                  _dynamic_axes(manifest_mod.DECODER_INPUTS + manifest_mod.DECODER_OUTPUTS), opset)
+    inputs, outputs = manifest_mod.DECODER_INPUTS, manifest_mod.DECODER_OUTPUTS
+    graph = _torch_export(DecoderOnnx(model).eval(), _example_decoder_inputs(TRACE_B, TRACE_N), inputs, outputs,
+                          _dynamic_axes(inputs + outputs), opset)
+    _write_graph(graph, path, outputs, weights_id)
 
 
-def export_points_decoder(model, path, opset=17):
+def export_points_decoder(model, path, weights_id, opset=17):
     """Write the points-only decoder graph (POINTS_DECODER_INPUTS -> POINTS_DECODER_OUTPUTS).
 
     Two traces joined by `onnx_scan.scan_over_batch`: `PointsDecoderOnnx` for the B prompts up to
@@ -138,18 +143,15 @@ def export_points_decoder(model, path, opset=17):
     head_outputs = (("image_tokens", tokens_shape), ("hyper_in", hyper_shape), (iou_name, iou_shape))
     body_inputs = [("image_tokens", tokens_shape[1:]), ("hyper_in", hyper_shape[1:])]
     example = _example_decoder_inputs(TRACE_B, TRACE_N)[:3]
-    with tempfile.TemporaryDirectory(prefix="tinysam-export-") as tmp:
-        head_path, body_path = Path(tmp) / "head.onnx", Path(tmp) / "upscale.onnx"
-        _torch_export(PointsDecoderOnnx(model).eval(), example, head_path, inputs, head_outputs,
-                      _dynamic_axes(inputs + head_outputs), opset)
-        with torch.no_grad():
-            tokens, hyper_in, _ = PointsDecoderOnnx(model).eval()(*example)
-        _torch_export(UpscalerOnnx(model).eval(), (tokens[0], hyper_in[0]), body_path, body_inputs,
-                      [(masks_name, (masks, h, w))], None, opset)
-        joined = scan_over_batch(onnx.load(str(head_path)), onnx.load(str(body_path)), ["image_tokens", "hyper_in"],
-                                 [masks_name], [masks_name, iou_name], prefix="upscale/")
-    onnx.save(joined, str(path))
-    _set_output_shapes(path, outputs)
+    head = _torch_export(PointsDecoderOnnx(model).eval(), example, inputs, head_outputs,
+                         _dynamic_axes(inputs + head_outputs), opset)
+    with torch.no_grad():
+        tokens, hyper_in, _ = PointsDecoderOnnx(model).eval()(*example)
+    body = _torch_export(UpscalerOnnx(model).eval(), (tokens[0], hyper_in[0]), body_inputs,
+                         [(masks_name, (masks, h, w))], None, opset)
+    joined = scan_over_batch(head, body, ["image_tokens", "hyper_in"], [masks_name], [masks_name, iou_name],
+                             prefix="upscale/")
+    _write_graph(joined, path, outputs, weights_id)
 
 
 def build_manifest(model_dir, weights, opset):
@@ -255,11 +257,9 @@ def export_model(out_dir, checkpoint=None, seed=0, opset=17):
     model = build_tinysam(checkpoint, seed)
     weights = weights_info(checkpoint, seed)
     with atomic_directory(out_dir) as tmp:
-        export_encoder(model, tmp / ENCODER_FILE, opset)
-        export_decoder(model, tmp / DECODER_FILE, opset)
-        export_points_decoder(model, tmp / POINTS_DECODER_FILE, opset)
-        for name in (ENCODER_FILE, DECODER_FILE, POINTS_DECODER_FILE):
-            stamp_weights_id(tmp / name, weights["weights_id"])
+        export_encoder(model, tmp / ENCODER_FILE, weights["weights_id"], opset)
+        export_decoder(model, tmp / DECODER_FILE, weights["weights_id"], opset)
+        export_points_decoder(model, tmp / POINTS_DECODER_FILE, weights["weights_id"], opset)
         doc = build_manifest(tmp, weights, opset)
         (tmp / manifest_mod.MANIFEST_NAME).write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
         smoke_run(tmp, model)

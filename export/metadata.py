@@ -24,7 +24,12 @@ def stamp_weights_id(path, weights_id):
         model = onnx.load(str(path))
     except Exception as exc:  # protobuf's DecodeError and friends: name the file instead
         raise ModelFileError(f"{path}: not a readable ONNX file ({type(exc).__name__}: {exc})") from None
+    onnx.save(set_weights_id(model, weights_id), str(path))
+
+
+def set_weights_id(model, weights_id):
+    """Set the `tinysam_rt.weights_id` metadata property of an in-memory ModelProto; returns it."""
     props = {p.key: p.value for p in model.metadata_props}
     props[WEIGHTS_ID_METADATA_KEY] = weights_id
     onnx.helper.set_model_props(model, props)
-    onnx.save(model, str(path))
+    return model

@@ -242,9 +242,9 @@ def test_export_failing_its_smoke_run_keeps_the_old_model(fp32_model_dir, tmp_pa
     before = _tree(target)
     # Real encoder bytes, garbage decoder: the manifest hashes match, so only the smoke run can tell.
     monkeypatch.setattr(export_onnx, "export_encoder",
-                        lambda model, path, opset=17: shutil.copyfile(fp32_model_dir / "encoder.onnx", path))
+                        lambda model, path, weights_id, opset=17: shutil.copyfile(fp32_model_dir / "encoder.onnx", path))
     monkeypatch.setattr(export_onnx, "export_decoder",
-                        lambda model, path, opset=17: Path(path).write_bytes(np.random.default_rng(0).bytes(5000)))
+                        lambda model, path, weights_id, opset=17: Path(path).write_bytes(np.random.default_rng(0).bytes(5000)))
     with pytest.raises(mf.ModelFileError, match="decoder.onnx"):
         export_onnx.export_model(target, seed=0)
     assert _tree(target) == before and _debris(tmp_path) == []

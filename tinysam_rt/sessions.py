@@ -109,6 +109,8 @@ class _GraphSession:
         logger.debug("loaded %s %s (%s)", self.role, graph.path, graph.precision)
 
     def _run(self, feeds):
+        """Run with every feed as a C-contiguous float32 array (the contract's only dtype)."""
+        feeds = {name: np.ascontiguousarray(value, dtype=np.float32) for name, value in feeds.items()}
         return self._session.run(self.output_names, feeds)
 
 
@@ -127,7 +129,7 @@ class EncoderSession(_GraphSession):
         Returns:
             (1, 256, 64, 64) float32 image embeddings.
         """
-        (embeddings,) = self._run({"image": np.ascontiguousarray(image_1024, dtype=np.float32)})
+        (embeddings,) = self._run({"image": image_1024})
         return embeddings
 
 
@@ -157,7 +159,6 @@ class DecoderSession(_GraphSession):
             "mask_input": mask_input,
             "has_mask_input": has_mask_input,
         }
-        feeds = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in feeds.items()}
         low_res_masks, iou_predictions = self._run(feeds)
         return low_res_masks, iou_predictions
 
@@ -180,7 +181,6 @@ class PointsDecoderSession(_GraphSession):
             low_res_masks (B, 3, 256, 256) float32 logits, iou_predictions (B, 3) float32.
         """
         feeds = {"image_embeddings": image_embeddings, "point_coords": point_coords, "point_labels": point_labels}
-        feeds = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in feeds.items()}
         low_res_masks, iou_predictions = self._run(feeds)
         return low_res_masks, iou_predictions
 
