@@ -260,9 +260,9 @@ def store_weights_compact(path, nodes, out):
                                                     to=onnx.TensorProto.FLOAT))
             converted.append(node.name)
             continue
-        # Output channels: Conv (M, C/g, kh, kw) axis 0; Gemm B (N, K) if transB else (K, N); MatMul B (K, N).
+        # Output channels: Gemm B (N, K) if transB else (K, N); MatMul B (K, N).
         trans_b = any(a.name == "transB" and a.i for a in node.attribute)
-        axis = 0 if node.op_type == "Conv" or (node.op_type == "Gemm" and trans_b) else weight.ndim - 1
+        axis = 0 if node.op_type == "Gemm" and trans_b else weight.ndim - 1
         reduce = tuple(i for i in range(weight.ndim) if i != axis)
         scale = (np.abs(weight).max(axis=reduce) / 127.0).astype(np.float32)  # (channels,)
         scale[scale == 0] = 1.0
