@@ -34,6 +34,7 @@ import numpy as np
 from tinysam_rt import preprocess
 from tinysam_rt.everything import AmgConfig, HierarchicalConfig, TinySAMAutomaticMaskGenerator
 from tinysam_rt.io import load_image
+from tinysam_rt.manifest import load_manifest
 from tinysam_rt.predictor import TinySAMPredictor
 
 # Thresholds at which random weights leave masks and coverage (see the module docstring).
@@ -97,8 +98,10 @@ def run_ours(model_dir, image, points_per_side, thresholds, threads):
 
 
 def _iou(a, b):
-    union = np.logical_or(a, b).sum()
-    return float(np.logical_and(a, b).sum() / union) if union else 1.0
+    """IoU of two (H, W) bool masks (fidelity.mask_iou on a batch of one)."""
+    from tinysam_export.fidelity import mask_iou
+
+    return float(mask_iou(np.asarray(a)[None], np.asarray(b)[None])[0])
 
 
 def _point_set_diff(ours, theirs, tol=1e-3):
@@ -122,8 +125,9 @@ def compare(ours, theirs):
         if not candidates:
             ious.append(0.0)
             continue
-        best = max(candidates, key=lambda c: _iou(record["segmentation"], c["segmentation"]))
-        ious.append(_iou(record["segmentation"], best["segmentation"]))
+        iou, best = max(((_iou(record["segmentation"], c["segmentation"]), c) for c in candidates),
+                        key=lambda scored: scored[0])
+        ious.append(iou)
         d_iou.append(abs(record["predicted_iou"] - best["predicted_iou"]))
         d_stab.append(abs(record["stability_score"] - best["stability_score"]))
     ious = np.array(ious)
@@ -155,12 +159,12 @@ def main(argv=None):
     image = load_image(args.image)
     with tempfile.TemporaryDirectory(prefix="tinysam-official-") as tmp:
         checkpoint = save_random_checkpoint(Path(tmp) / "random.pth", seed=args.seed)
-        export_model(Path(tmp) / "model", checkpoint=checkpoint)
+        manifest_path = export_model(Path(tmp) / "model", checkpoint=checkpoint)
+        long_side = load_manifest(manifest_path.parent).preprocess.image_size  # the frame prompts are fed in
         ours, stats, our_prompts, our_s = run_ours(Path(tmp) / "model", image, args.points_per_side, thresholds,
                                                    args.threads)
         theirs, passes, their_s = run_official(args.tinysam_repo, checkpoint, image, args.points_per_side, thresholds)
 
-    long_side = 1024
     their_prompts = [preprocess.coords_to_input_frame(p, image.shape[:2], long_side) for p in passes]
     sparse_n = len(their_prompts[0])
     only_ours, only_theirs = _point_set_diff(our_prompts[stats.sparse_points:], their_prompts[1])
