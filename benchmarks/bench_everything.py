@@ -14,6 +14,8 @@ Parts (`--parts`, default all):
   includes the encoder (cache disabled), as SAM's `generate` does;
 - skip: hierarchical time when a forced fraction of the dense points is skipped (random weights
   give no confident masks, so nothing is skipped naturally; see `ForcedCoverage`);
+- gate: standard mode with the points decoder's upscaler gate on and off, at IoU thresholds that
+  gate a known share of the prompts (see `bench_gate`);
 - rss: peak RSS of a 32 x 32 run on a 1024 x 1024 image, each configuration in a fresh process
   (and of SAM's generator for one 64-prompt batch, for contrast);
 - profile: share of the points decoder's time per ONNX op type at batch 64 (ORT's profiler);
@@ -48,6 +50,7 @@ DEFAULT_IMAGE = REPO.parent / "shared" / "images" / "picture1.jpg"
 RSS_IMAGE = REPO.parent / "shared" / "images" / "picture3.jpg"
 BATCH_SIZES = (1, 4, 8, 16, 32, 64, 128)
 SKIP_FRACTIONS = (0.0, 0.25, 0.5, 0.75, 0.9)
+GATE_FRACTIONS = (0.25, 0.5, 0.75)
 
 
 def _stats(times):
@@ -136,7 +139,8 @@ def _run_ours(predictor, image, config, hierarchical):
     stats = result.stats
     return {"mode": stats.mode, "seconds": seconds, "cpu_seconds": time.process_time() - cpu_start,
             "decoder_seconds": stats.decoder_seconds,
-            "points_run": stats.points_run, "decoder_calls": stats.decoder_calls, "masks": stats.masks,
+            "points_run": stats.points_run, "points_upscaled": stats.points_upscaled,
+            "decoder_calls": stats.decoder_calls, "masks": stats.masks,
             "dense_skipped": stats.dense_skipped, "dense_candidates": stats.dense_candidates,
             "runqueue_wait_s": sysinfo.runqueue_wait_s() - wait0}
 
@@ -184,6 +188,10 @@ def bench_modes(predictor, image, points_per_side, points_per_batch, runs, torch
         for config, hierarchical in configs:
             entry = _run_ours(predictor, image, config, hierarchical)
             results[entry["mode"]].append(entry)
+        if predictor.skips_low_iou_upscaling:
+            entry = _run_ours(WithoutGate(predictor), image, configs[0][0], None)
+            entry["mode"] = "standard, upscaler gate off"
+            results[entry["mode"]].append(entry)
         if predictor._decoder.points_decoder is not None:
             entry = _run_ours(plain, image, configs[0][0], None)
             entry["mode"] = "standard, plain decoder graph"
@@ -199,6 +207,59 @@ def bench_modes(predictor, image, points_per_side, points_per_batch, runs, torch
         seconds = [e["seconds"] for e in entries]
         summary[mode] = {**entries[0], **_stats(seconds), "all_seconds": seconds}
     return summary
+
+
+class WithoutGate:
+    """A predictor whose decoder computes every mask: `upscale_iou_threshold` is not passed on
+    (what a points decoder exported before the gate does; the results are the same)."""
+
+    skips_low_iou_upscaling = False
+
+    def __init__(self, inner):
+        self.inner, self.manifest = inner, inner.manifest
+
+    def embed(self, image):
+        return self.inner.embed(image)
+
+    def predict_batch(self, point_coords, point_labels, mask_input=None, embedding=None, upscale_iou_threshold=None):
+        return self.inner.predict_batch(point_coords, point_labels, mask_input, embedding)
+
+
+def grid_best_iou(predictor, image, points_per_side, points_per_batch):
+    """(P,) best of the 3 predicted IoUs of every standard-grid prompt (one decoder pass)."""
+    embedding = predictor.embed(image)
+    height, width = image.shape[:2]
+    points = amg.build_point_grid(points_per_side) * np.array([width, height])
+    coords = preprocess.coords_to_input_frame(points, (height, width), predictor.manifest.preprocess.image_size)
+    feed = np.stack([coords, np.zeros_like(coords)], axis=1)  # (P, 2, 2) with SAM's padding point
+    labels = np.tile(np.array([[1.0, -1.0]], np.float32), (len(feed), 1))
+    best = [predictor.predict_batch(feed[i:i + points_per_batch], labels[i:i + points_per_batch],
+                                    embedding=embedding)[1].max(axis=1)
+            for i in range(0, len(feed), points_per_batch)]
+    return np.concatenate(best)
+
+
+def bench_gate(predictor, image, points_per_side, points_per_batch, fractions=GATE_FRACTIONS):
+    """Standard mode with the upscaler gate on and off, at pred_iou_thresh = the quantile of the
+    grid's best predicted IoUs that leaves `fraction` of the prompts with every IoU at or below it.
+
+    Random weights predict IoUs far below SAM's 0.88 (every prompt is skipped at the default), so
+    the thresholds come from this model's own IoUs: real runs with real thresholds, a known share
+    of prompts gated. Same outputs either way (checked: same masks)."""
+    best = grid_best_iou(predictor, image, points_per_side, points_per_batch)
+    rows = []
+    for fraction in fractions:
+        threshold = float(np.quantile(best, fraction))
+        if not 0.0 <= threshold <= 1.0:
+            continue
+        config = AmgConfig(points_per_side=points_per_side, points_per_batch=points_per_batch,
+                           pred_iou_thresh=threshold)
+        gated = _run_ours(predictor, image, config, None)
+        plain = _run_ours(WithoutGate(predictor), image, config, None)
+        if gated["masks"] != plain["masks"]:
+            raise RuntimeError(f"the gate changed the result at {threshold}: {gated['masks']} vs {plain['masks']} masks")
+        rows.append({"fraction": fraction, "pred_iou_thresh": threshold, "gated": gated, "ungated": plain})
+    return {"best_iou_range": [float(best.min()), float(best.max())], "rows": rows}
 
 
 class ForcedCoverage:
@@ -217,7 +278,11 @@ class ForcedCoverage:
     def embed(self, image):
         return self.inner.embed(image)
 
-    def predict_batch(self, point_coords, point_labels, mask_input=None, embedding=None):
+    skips_low_iou_upscaling = False
+
+    def predict_batch(self, point_coords, point_labels, mask_input=None, embedding=None, upscale_iou_threshold=None):
+        # No upscaler gate: this sweep measures coverage skipping alone (random weights would let
+        # the gate skip nearly every upscale; `bench_gate` measures that on its own).
         low_res, iou = self.inner.predict_batch(point_coords, point_labels, mask_input, embedding)
         count = min(self.remaining, len(low_res))
         if count and self.fraction > 0:
@@ -501,13 +566,13 @@ def render(report):
             ratio = f"{sam['p50_s'] / r['p50_s']:.1f}x" if sam else "n/a"
             decoder = f"{r['decoder_seconds']:.1f}" if "decoder_seconds" in r else "n/a"
             cpu_ratio = f"{sam['cpu_seconds'] / r['cpu_seconds']:.1f}x" if sam else "n/a"
-            rows.append([mode, r["points_run"], f"{r['p50_s']:.1f}", f"{r['min_s']:.1f}", decoder,
+            rows.append([mode, r["points_run"], r.get("points_upscaled", "n/a"), f"{r['p50_s']:.1f}", f"{r['min_s']:.1f}", decoder,
                          f"{r['points_run'] / r['p50_s']:.1f}", r["masks"], ratio, f"{r['cpu_seconds']:.0f}",
                          cpu_ratio, f"{r['runqueue_wait_s']:.1f}"])
         parts.append(f"{report['settings']['points_per_side']}x{report['settings']['points_per_side']} on "
                      f"`{report['settings']['image']}` {report['settings']['image_size']}, SAM's default "
                      f"thresholds, encoder included, points_per_batch {report['settings']['points_per_batch']}:\n\n"
-                     + _table(["strategy", "prompts run", "p50 s", "min s", "decoder s (1st run)", "prompts/s",
+                     + _table(["strategy", "prompts run", "masks upscaled for", "p50 s", "min s", "decoder s (1st run)", "prompts/s",
                                "masks", "eager SAM / this (wall)", "CPU s (1st run)", "eager SAM / this (CPU)",
                                "run-queue wait s"], rows))
     if "skip" in report:
@@ -523,6 +588,20 @@ def render(report):
                      "decoder still runs every prompt), one run each:" + note + "\n\n"
                      + _table(["forced", "dense skipped", "prompts run", "total s", "decoder s",
                                "speed-up vs no skip (wall)", "CPU s", "speed-up (CPU)"], rows))
+    if "gate" in report:
+        rows = [[f"{r['fraction']:.2f}", f"{r['pred_iou_thresh']:.4f}", r["gated"]["points_upscaled"],
+                 f"{r['gated']['seconds']:.1f}", f"{r['ungated']['seconds']:.1f}",
+                 f"{r['ungated']['seconds'] / r['gated']['seconds']:.2f}x",
+                 f"{r['gated']['decoder_seconds']:.1f}", f"{r['ungated']['decoder_seconds']:.1f}", r["gated"]["masks"]]
+                for r in report["gate"]["rows"]]
+        side = report["settings"]["points_per_side"]
+        parts.append(f"Upscaler gate, standard {side}x{side}, one run each: pred_iou_thresh set to the quantile of "
+                     "this model's best predicted IoU per grid prompt that leaves the given share of prompts with "
+                     "all 3 IoUs at or below it (random weights predict IoUs "
+                     "{:.2f}..{:.2f}, ".format(*report["gate"]["best_iou_range"])
+                     "so SAM's 0.88 would gate them all); 'off' computes every mask; both give the same masks:\n\n"
+                     + _table(["gated share", "pred_iou_thresh", "prompts upscaled", "gate on s", "gate off s",
+                               "speed-up", "decoder s (on)", "decoder s (off)", "masks"], rows))
     if "rss" in report:
         rows = [[name, f"{r['rss_after_setup_bytes'] / 2**20:.0f}", f"{r['peak_before_run_bytes'] / 2**20:.0f}",
                  f"{r['peak_bytes'] / 2**20:.0f}"] for name, r in report["rss"].items()]
@@ -560,7 +639,7 @@ def main(argv=None):
     parser.add_argument("--mode-runs", type=int, default=1, help="timed runs of each of our strategies")
     parser.add_argument("--points-per-side", type=int, default=32)
     parser.add_argument("--points-per-batch", type=int, default=AmgConfig().points_per_batch)
-    parser.add_argument("--parts", default="decoder,modes,skip,rss,profile,stability,agreement")
+    parser.add_argument("--parts", default="decoder,modes,skip,gate,rss,profile,stability,agreement")
     parser.add_argument("--tinysam-repo", type=Path, help="checkout of xinghaochen/TinySAM: also time its eager "
                         "hierarchical generator (modes part)")
     parser.add_argument("--no-torch", action="store_true", help="skip eager SAM (modes, rss)")
@@ -602,6 +681,8 @@ def main(argv=None):
                                       args.mode_runs, torch_model, args.tinysam_repo)
     if "skip" in parts:
         report["skip"] = bench_skip(predictor, image, args.points_per_side, args.points_per_batch)
+    if "gate" in parts and predictor.skips_low_iou_upscaling:
+        report["gate"] = bench_gate(predictor, image, args.points_per_side, args.points_per_batch)
     if "rss" in parts:
         report["rss"] = bench_rss(args.model, args.threads, not args.no_torch)
     if "profile" in parts:

@@ -32,7 +32,7 @@ from tinysam_rt.atomic import atomic_directory
 from tinysam_rt.sessions import DecoderSession, EncoderSession, PointsDecoderSession
 from tinysam_export.metadata import set_weights_id
 from tinysam_export.model.build import IMAGE_SIZE, MASK_TOKENS, PIXEL_MEAN, PIXEL_STD, build_tinysam
-from tinysam_export.onnx_scan import scan_over_batch
+from tinysam_export.onnx_scan import gate_body, scan_over_batch
 from tinysam_export.onnx_wrappers import DecoderOnnx, EncoderOnnx, PointsDecoderOnnx, UpscalerOnnx
 
 ENCODER_FILE = "encoder.onnx"
@@ -132,25 +132,30 @@ def export_points_decoder(model, path, weights_id, opset=17):
     """Write the points-only decoder graph (POINTS_DECODER_INPUTS -> POINTS_DECODER_OUTPUTS).
 
     Two traces joined by `onnx_scan.scan_over_batch`: `PointsDecoderOnnx` for the B prompts up to
-    the upscaler, then a Scan running `UpscalerOnnx` once per prompt.
+    the upscaler, then a Scan running `UpscalerOnnx` once per prompt, gated by `onnx_scan.gate_body`
+    on the prompt's predicted IoUs and the graph's scalar `upscale_iou_threshold` input.
     """
     inputs, outputs = manifest_mod.POINTS_DECODER_INPUTS, manifest_mod.POINTS_DECODER_OUTPUTS
     (masks_name, (_, masks, h, w)), (iou_name, iou_shape) = outputs
+    gate_name, gate_shape = manifest_mod.POINTS_DECODER_GATE
     grid_h, grid_w = model.prompt_encoder.image_embedding_size  # 64 x 64 image tokens
     channels = model.mask_decoder.transformer_dim  # 256
     hyper_channels = model.mask_decoder.output_upscaling[3].out_channels  # 32
     tokens_shape, hyper_shape = ("B", grid_h * grid_w, channels), ("B", masks, hyper_channels)
+    head_inputs = tuple(item for item in inputs if item[0] != gate_name)  # the gate is read by the Scan only
     head_outputs = (("image_tokens", tokens_shape), ("hyper_in", hyper_shape), (iou_name, iou_shape))
     body_inputs = [("image_tokens", tokens_shape[1:]), ("hyper_in", hyper_shape[1:])]
     example = _example_decoder_inputs(TRACE_B, TRACE_N)[:3]
-    head = _torch_export(PointsDecoderOnnx(model).eval(), example, inputs, head_outputs,
-                         _dynamic_axes(inputs + head_outputs), opset)
+    head = _torch_export(PointsDecoderOnnx(model).eval(), example, head_inputs, head_outputs,
+                         _dynamic_axes(head_inputs + head_outputs), opset)
+    head.graph.input.append(onnx.helper.make_tensor_value_info(gate_name, onnx.TensorProto.FLOAT, list(gate_shape)))
     with torch.no_grad():
         tokens, hyper_in, _ = PointsDecoderOnnx(model).eval()(*example)
     body = _torch_export(UpscalerOnnx(model).eval(), (tokens[0], hyper_in[0]), body_inputs,
                          [(masks_name, (masks, h, w))], None, opset)
-    joined = scan_over_batch(head, body, ["image_tokens", "hyper_in"], [masks_name], [masks_name, iou_name],
-                             prefix="upscale/")
+    body = gate_body(body, (iou_name, iou_shape[1:]), gate_name)
+    joined = scan_over_batch(head, body, ["image_tokens", "hyper_in", iou_name], [masks_name],
+                             [masks_name, iou_name], prefix="upscale/")
     _write_graph(joined, path, outputs, weights_id)
 
 

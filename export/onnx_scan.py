@@ -9,23 +9,98 @@ import onnx
 from onnx import helper
 
 
-def _prefixed_body(body, prefix):
-    """A copy of `body`'s graph with `prefix` on every value, node and initializer name."""
-    graph = onnx.GraphProto()
-    graph.CopyFrom(body.graph)
-    defined = {init.name for init in graph.initializer} | {value.name for value in graph.input}
-    defined |= {name for node in graph.node for name in node.output if name}
-    rename = {name: prefix + name for name in defined}
+def _subgraphs(node):
+    """The graphs held in `node`'s attributes (If branches, Loop/Scan bodies)."""
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            yield attr.g
+        yield from attr.graphs
+
+
+def _defined_names(graph):
+    """Every value name `graph` defines (initializers, inputs, node outputs), nested graphs included."""
+    names = {init.name for init in graph.initializer} | {value.name for value in graph.input}
+    for node in graph.node:
+        names |= {name for name in node.output if name}
+        for sub in _subgraphs(node):
+            names |= _defined_names(sub)
+    return names
+
+
+def _rename(graph, rename, prefix):
+    """Apply `rename` to every value name in `graph` and its nested graphs; prefix node names."""
     for init in graph.initializer:
-        init.name = rename[init.name]
+        init.name = rename.get(init.name, init.name)
     for value in [*graph.input, *graph.output, *graph.value_info]:
         value.name = rename.get(value.name, value.name)
     for node in graph.node:
         node.name = prefix + node.name
         node.input[:] = [rename.get(name, name) for name in node.input]
         node.output[:] = [rename.get(name, name) for name in node.output]
+        for sub in _subgraphs(node):
+            _rename(sub, rename, prefix)
+
+
+def _prefixed_body(body, prefix):
+    """A copy of `body`'s graph with `prefix` on every name it defines and every node name, nested
+    graphs included; names it only refers to (outer-scope values) are left as they are."""
+    graph = onnx.GraphProto()
+    graph.CopyFrom(body.graph)
+    _rename(graph, {name: prefix + name for name in _defined_names(graph)}, prefix)
     graph.name = prefix.rstrip("/") or "body"
     return graph
+
+
+def gate_body(body, score_input, threshold):
+    """`body` run only for items whose scores pass: outputs zeros where max(score) <= threshold.
+
+    The new body takes `body`'s inputs and then `score_input` (a float32 tensor of the item), and
+    refers to `threshold`, a float32 scalar of the outer graph, by name. Its outputs keep `body`'s
+    types; every output shape must be static (the zeros are made from it).
+
+    Args:
+        body: onnx.ModelProto for one item.
+        score_input: (name, shape) of the per-item scores, e.g. ("iou_predictions", (3,)).
+        threshold: name of the outer scalar.
+    Returns:
+        onnx.ModelProto: ReduceMax -> Greater -> If(then: `body`'s nodes, else: zeros).
+    """
+    source = body.graph
+    then_graph = onnx.GraphProto()
+    then_graph.CopyFrom(source)
+    then_graph.name = "then"
+    del then_graph.input[:]  # an If branch sees the body's inputs as outer-scope values
+    else_nodes, else_outputs, gated_outputs = [], [], []
+    for out in source.output:
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in out.type.tensor_type.shape.dim]
+        if None in dims:
+            raise ValueError(f"gate_body: output {out.name!r} needs a static shape, has {dims}")
+        shape = helper.make_tensor(f"else/{out.name}/shape", onnx.TensorProto.INT64, [len(dims)], dims)
+        zero = helper.make_tensor("zero", out.type.tensor_type.elem_type, [1], [0])
+        else_nodes.append(helper.make_node("ConstantOfShape", [f"else/{out.name}/shape"], [f"else/{out.name}"],
+                                           name=f"else/{out.name}/zeros", value=zero))
+        else_nodes.insert(0, helper.make_node("Constant", [], [f"else/{out.name}/shape"],
+                                              name=f"else/{out.name}/shape", value=shape))
+        value = onnx.ValueInfoProto()
+        value.CopyFrom(out)
+        value.name = f"else/{out.name}"
+        else_outputs.append(value)
+        gated = onnx.ValueInfoProto()
+        gated.CopyFrom(out)
+        gated.name = f"gated/{out.name}"
+        gated_outputs.append(gated)
+    else_graph = helper.make_graph(else_nodes, "else", [], else_outputs)
+    name, shape = score_input
+    nodes = [
+        helper.make_node("ReduceMax", [name], ["gate/max"], name="gate/max", keepdims=0),
+        helper.make_node("Greater", ["gate/max", threshold], ["gate/run"], name="gate/run"),
+        helper.make_node("If", ["gate/run"], [v.name for v in gated_outputs], name="gate/if",
+                         then_branch=then_graph, else_branch=else_graph),
+    ]
+    inputs = [*source.input, helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, list(shape))]
+    graph = helper.make_graph(nodes, source.name, inputs, gated_outputs)
+    model = helper.make_model(graph, opset_imports=body.opset_import, ir_version=body.ir_version)
+    return model
 
 
 def scan_over_batch(outer, body, scan_inputs, scan_outputs, graph_outputs, prefix):

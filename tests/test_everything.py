@@ -29,8 +29,13 @@ HALF_WIDTH = CORE + 8.5 / SLOPE  # mask (logit > 0) radius
 LEFT_OF = 512.0  # prompts with x < this (1024 frame) get a confident token 1
 
 
-def _region_model_dir(out_dir):
-    """Write encoder.onnx, decoder.onnx and manifest.json of the known-output model."""
+def _region_model_dir(out_dir, points_decoder=None):
+    """Write encoder.onnx, decoder.onnx and manifest.json of the known-output model.
+
+    points_decoder: None, or "ungated" / "gated" to add a points_decoder.onnx with the same
+    function (3 inputs as exported before the upscaler gate / 4 inputs: zero masks for prompts
+    whose IoUs are all <= upscale_iou_threshold, like the exported graph's gate).
+    """
     onnx = pytest.importorskip("onnx")
     from onnx import TensorProto, helper, numpy_helper
 
@@ -81,8 +86,26 @@ def _region_model_dir(out_dir):
     decoder = helper.make_graph(
         nodes, "region_decoder", io(manifest_mod.DECODER_INPUTS), io(manifest_mod.DECODER_OUTPUTS), initializers
     )
+    graphs = [("encoder", encoder, manifest_mod.ENCODER_INPUTS), ("decoder", decoder, manifest_mod.DECODER_INPUTS)]
+    if points_decoder == "ungated":
+        inputs = manifest_mod.POINTS_DECODER_INPUTS_UNGATED
+        graphs.append(("points_decoder", helper.make_graph(nodes, "region_points", io(inputs),
+                                                           io(manifest_mod.DECODER_OUTPUTS), initializers), inputs))
+    elif points_decoder == "gated":
+        inputs = manifest_mod.POINTS_DECODER_INPUTS
+        gate = [node(n.op_type, n.input, ["all_masks" if o == "low_res_masks" else o for o in n.output],
+                     **{a.name: helper.get_attribute_value(a) for a in n.attribute}) for n in nodes]
+        gate += [
+            node("ReduceMax", ["iou_predictions"], ["best"], axes=[1], keepdims=1),  # (B, 1)
+            node("Greater", ["best", "upscale_iou_threshold"], ["run"]), node("Cast", ["run"], ["runf"], to=TensorProto.FLOAT),
+            node("Unsqueeze", ["runf", "ax23"], ["run4"]),  # (B, 1, 1, 1)
+            node("Mul", ["all_masks", "run4"], ["low_res_masks"]),
+        ]
+        extra = [numpy_helper.from_array(np.array([2, 3], np.int64), "ax23")]
+        graphs.append(("points_decoder", helper.make_graph(gate, "region_points_gated", io(inputs),
+                                                           io(manifest_mod.DECODER_OUTPUTS), initializers + extra), inputs))
     out_dir.mkdir(parents=True, exist_ok=True)
-    for name, graph in (("encoder.onnx", encoder), ("decoder.onnx", decoder)):
+    for name, graph in ((f"{role}.onnx", graph) for role, graph, _ in graphs):
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
         model.ir_version = 8
         onnx.checker.check_model(model)
@@ -97,11 +120,9 @@ def _region_model_dir(out_dir):
                        "pixel_std": [58.395, 57.12, 57.375], "pad_value": 0.0},
         "postprocess": {"mask_threshold": 0.0, "low_res_size": 256, "mask_tokens": [1, 2, 3]},
         "graphs": {
-            role: manifest_mod.graph_entry(role, out_dir / f"{role}.onnx", "fp32", weights_id, inputs, outputs)
-            for role, inputs, outputs in (
-                ("encoder", manifest_mod.ENCODER_INPUTS, manifest_mod.ENCODER_OUTPUTS),
-                ("decoder", manifest_mod.DECODER_INPUTS, manifest_mod.DECODER_OUTPUTS),
-            )
+            role: manifest_mod.graph_entry(role, out_dir / f"{role}.onnx", "fp32", weights_id, inputs,
+                                           manifest_mod.ENCODER_OUTPUTS if role == "encoder" else manifest_mod.DECODER_OUTPUTS)
+            for role, _, inputs in graphs
         },
         "quantization": None,
     }
@@ -123,9 +144,13 @@ class RecordingPredictor:
     def embed(self, image):
         return self.inner.embed(image)
 
-    def predict_batch(self, point_coords, point_labels, mask_input=None, embedding=None):
+    @property
+    def skips_low_iou_upscaling(self):
+        return self.inner.skips_low_iou_upscaling
+
+    def predict_batch(self, point_coords, point_labels, mask_input=None, embedding=None, upscale_iou_threshold=None):
         self.batches.append((np.array(point_coords), np.array(point_labels)))
-        return self.inner.predict_batch(point_coords, point_labels, mask_input, embedding)
+        return self.inner.predict_batch(point_coords, point_labels, mask_input, embedding, upscale_iou_threshold)
 
     def prompts_1024(self):
         """(P, 2) first points of all prompts so far, in call order."""
@@ -260,6 +285,40 @@ def test_batch_size_does_not_change_the_result(region_predictor):
             assert {k: v for k, v in a.items() if k != "segmentation"} == {
                 k: v for k, v in b.items() if k != "segmentation"
             }
+
+
+@pytest.mark.parametrize("hierarchical", [None, HierarchicalConfig()])
+def test_the_upscaler_gate_changes_work_not_results(tmp_path, region_predictor, hierarchical):
+    # Same function behind three decoders: plain, a points decoder without the gate (an older
+    # export), one that returns zero masks for prompts whose IoUs are all <= the threshold.
+    image = synthetic_image(200, 260, seed=3)
+    config = AmgConfig(points_per_side=16)
+    predictors = {"plain": region_predictor}
+    for kind in ("ungated", "gated"):
+        predictors[kind] = TinySAMPredictor(model_dir=_region_model_dir(tmp_path / kind, kind), threads=1)
+    runs = {k: TinySAMAutomaticMaskGenerator(p, config, hierarchical).run(image) for k, p in predictors.items()}
+    assert [p.skips_low_iou_upscaling for p in predictors.values()] == [False, False, True]
+    reference = runs["plain"]
+    assert len(reference.records) > 0
+    for run in runs.values():
+        assert run.stats.points_run == reference.stats.points_run
+        assert [r["point_coords"] for r in run.records] == [r["point_coords"] for r in reference.records]
+        for a, b in zip(reference.records, run.records):
+            np.testing.assert_array_equal(a["segmentation"], b["segmentation"])
+    # Only left-side prompts have an IoU above 0.88; the gated decoder upscales just those.
+    fed = RecordingPredictor(predictors["gated"])
+    TinySAMAutomaticMaskGenerator(fed, config, hierarchical).run(image)
+    left = int((fed.prompts_1024()[:, 0] < LEFT_OF).sum())
+    assert 0 < runs["gated"].stats.points_upscaled == left < runs["gated"].stats.points_run
+    assert runs["ungated"].stats.points_upscaled == runs["plain"].stats.points_upscaled == reference.stats.points_run
+
+
+def test_no_iou_filter_means_no_gate(tmp_path):
+    predictor = TinySAMPredictor(model_dir=_region_model_dir(tmp_path / "gated", "gated"), threads=1)
+    config = AmgConfig(points_per_side=8, pred_iou_thresh=0.0)
+    result = TinySAMAutomaticMaskGenerator(predictor, config).run(synthetic_image(100, 120, seed=4))
+    assert result.stats.points_upscaled == result.stats.points_run == 64
+    assert len(result.records) > 0
 
 
 def test_batch_size_changes_real_decoder_results_only_by_float_noise(fp32_model_dir):

@@ -51,7 +51,8 @@ def test_manifest_describes_the_export(fp32_model_dir, manifest):
                                                                 "points_decoder.onnx"]
     assert doc["weights"] == {"source": "random", "checkpoint_sha256": None, "seed": 0, "weights_id": "random-seed-0"}
     assert {g.weights_id for g in manifest.graphs} == {manifest.weights_id} == {"random-seed-0"}
-    assert [s.name for s in manifest.points_decoder.inputs] == ["image_embeddings", "point_coords", "point_labels"]
+    assert [s.name for s in manifest.points_decoder.inputs] == ["image_embeddings", "point_coords", "point_labels",
+                                                                "upscale_iou_threshold"]
     assert doc["opset"] == 17 and doc["export"]["opset"] == 17
     assert doc["export"]["torch"] == torch.__version__ and "dynamo=False" in doc["export"]["exporter"]
     assert doc["preprocess"]["resize_filter"] == "bilinear_antialias"
@@ -167,6 +168,28 @@ def test_points_decoder_matches_sam_predictor_path(torch_model, torch_embeddings
     low_res, iou = points_decoder.run(torch_embeddings.numpy(), feeds["point_coords"], feeds["point_labels"])
     assert low_res.shape == (batch, 3, 256, 256) and iou.shape == (batch, 3)
     assert np.abs(low_res - expected_masks).max() <= TOLERANCE
+    assert np.abs(iou - expected_iou).max() <= TOLERANCE
+
+
+def test_points_decoder_gate_skips_exactly_the_prompts_at_or_below_the_threshold(torch_model, torch_embeddings,
+                                                                                 points_decoder):
+    coords, labels, _, _ = _prompts(8, 1, False, False, seed=11)
+    expected_masks, expected_iou = _sam_decoder(torch_model, torch_embeddings, coords, labels, None, None)
+    feeds = _decoder_feeds(coords, labels, None, None)
+    embeddings = torch_embeddings.numpy()
+    assert points_decoder.gated
+    _, iou = points_decoder.run(embeddings, feeds["point_coords"], feeds["point_labels"])
+    best = np.sort(iou.max(axis=1))  # (8,) float32
+    # The gate must agree with everything mode's filter, numpy's `iou > t` on float32 IoUs (which
+    # compares in float32): at the 4th best IoU, 4 prompts are at or below it; 1e-12 under the 5th,
+    # float32 rounding makes the 5th "at" the threshold too.
+    for threshold, computed in ((float(best[3]), 4), (float(best[4]) - 1e-12, 3), (float(best[-1]), 0), (-1.0, 8)):
+        low_res, gated_iou = points_decoder.run(embeddings, feeds["point_coords"], feeds["point_labels"], threshold)
+        np.testing.assert_array_equal(gated_iou, iou)  # the IoU head runs for every prompt
+        run = iou.max(axis=1) > threshold
+        assert run.sum() == computed
+        assert np.abs(low_res[run] - expected_masks[run]).max(initial=0) <= TOLERANCE
+        assert not low_res[~run].any(), "skipped prompts come back as zeros"
     assert np.abs(iou - expected_iou).max() <= TOLERANCE
 
 

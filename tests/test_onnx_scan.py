@@ -8,7 +8,7 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 import onnxruntime as ort  # noqa: E402
 
-from tinysam_export.onnx_scan import scan_over_batch  # noqa: E402
+from tinysam_export.onnx_scan import gate_body, scan_over_batch  # noqa: E402
 
 OPSET = [helper.make_opsetid("", 17)]
 
@@ -68,3 +68,31 @@ def test_a_body_with_another_opset_is_refused():
     body.opset_import[0].version = 18
     with pytest.raises(ValueError, match="opsets"):
         scan_over_batch(_outer(), body, ["y", "z"], ["sums", "mats"], ["sums"], prefix="item/")
+
+
+def test_a_gated_body_runs_only_for_items_above_the_outer_threshold():
+    # The gate's If nests the body one graph deeper: the splice must prefix names in there too
+    # (the body's `w`, `mul` and `y` would otherwise collide with the outer graph's).
+    body = gate_body(_body(), ("score", (3,)), "threshold")
+    outer = _outer()
+    outer.graph.input.append(helper.make_tensor_value_info("threshold", TensorProto.FLOAT, []))
+    model = scan_over_batch(outer, body, ["y", "z", "x"], ["sums", "mats"], ["mats", "sums"], prefix="item/")
+    inner = model.graph.node[-1].attribute[0].g
+    nested = [n for n in inner.node if n.op_type == "If"][0].attribute
+    then_graph = next(a.g for a in nested if a.name == "then_branch")
+    assert {i.name for i in then_graph.initializer} == {"item/w", "item/M"}
+    x = np.array([[1, 2, 3], [-5, -4, -3], [0, 0, 0.5], [2, -9, 0]], np.float32)  # max: 3, -3, 0.5, 2
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    mats, sums = session.run(None, {"x": x, "threshold": np.array(0.5, np.float32)})
+    run = np.array([True, False, False, True])  # max(x) > 0.5, strictly
+    y = x * np.array([1, 2, 3], np.float32)
+    np.testing.assert_allclose(sums[run], (y[run] * np.array([10, 20, 30], np.float32)).sum(1))
+    np.testing.assert_allclose(mats[run], (x[run] + 1) @ np.arange(6, dtype=np.float32).reshape(3, 2))
+    assert not sums[~run].any() and not mats[~run].any() and mats.shape == (4, 2) and sums.shape == (4,)
+
+
+def test_gating_needs_static_output_shapes():
+    body = _body()
+    body.graph.output[1].type.tensor_type.shape.dim[0].dim_param = "K"
+    with pytest.raises(ValueError, match="'m' needs a static shape"):
+        gate_body(body, ("score", (3,)), "threshold")

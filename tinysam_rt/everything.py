@@ -135,6 +135,8 @@ class EverythingStats:
 
     mode: str  # "standard", "hierarchical-tinysam" or "hierarchical-grid"
     points_run: int  # prompts that went through the decoder, all passes and crops
+    points_upscaled: int  # of those, prompts whose masks the decoder computed: the points decoder
+    #                       skips the mask upscaler when all 3 IoUs are <= pred_iou_thresh
     decoder_calls: int  # predict_batch calls
     decoder_seconds: float  # wall time inside predict_batch
     sparse_points: int  # hierarchical: prompts of the sparse pass (0 in standard mode)
@@ -184,11 +186,12 @@ class _Counter:
 
     def __init__(self, progress, total):
         self.progress, self.total = progress, total
-        self.points = self.calls = 0
+        self.points = self.upscaled = self.calls = 0
         self.seconds = 0.0
 
-    def add(self, points, seconds):
+    def add(self, points, seconds, upscaled):
         self.points += points
+        self.upscaled += upscaled
         self.calls += 1
         self.seconds += seconds
         if self.progress is not None:
@@ -299,7 +302,7 @@ class TinySAMAutomaticMaskGenerator:
     @staticmethod
     def _stats(mode, counter, sparse_points=0, dense_candidates=0, dense_skipped=0, covered_fraction=0.0,
                masks_before_nms=0):
-        return dict(mode=mode, points_run=counter.points, decoder_calls=counter.calls,
+        return dict(mode=mode, points_run=counter.points, points_upscaled=counter.upscaled, decoder_calls=counter.calls,
                     decoder_seconds=counter.seconds, sparse_points=sparse_points,
                     dense_candidates=dense_candidates, dense_skipped=dense_skipped,
                     covered_fraction=covered_fraction, masks_before_nms=masks_before_nms)
@@ -342,8 +345,13 @@ class TinySAMAutomaticMaskGenerator:
         feed_coords = np.stack([coords_1024, np.zeros_like(coords_1024)], axis=1)  # (b, 2, 2)
         feed_labels = np.tile(np.array([[1.0, PAD_LABEL]], dtype=np.float32), (b, 1))  # (b, 2)
         started = time.perf_counter()
-        low_res, iou = self.predictor.predict_batch(feed_coords, feed_labels, embedding=embedding)
-        counter.add(b, time.perf_counter() - started)
+        # Masks with predicted IoU <= pred_iou_thresh are dropped below, so the decoder may skip
+        # the upscaler of prompts whose 3 IoUs all are (zeros come back for those).
+        gate = cfg.pred_iou_thresh if cfg.pred_iou_thresh > 0.0 else None
+        low_res, iou = self.predictor.predict_batch(feed_coords, feed_labels, embedding=embedding,
+                                                    upscale_iou_threshold=gate)
+        skipped = int((iou.max(axis=1) <= gate).sum()) if gate is not None and self.predictor.skips_low_iou_upscaling else 0
+        counter.add(b, time.perf_counter() - started, b - skipped)
         n_masks = low_res.shape[1]
         low_res = low_res.reshape(b * n_masks, *low_res.shape[2:])  # (b*3, 256, 256)
         iou = iou.reshape(-1)  # (b*3,)

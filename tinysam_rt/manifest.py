@@ -31,6 +31,8 @@ Shapes use ints for fixed axes and strings ("B", "N") for dynamic ones.
 `points_decoder` is optional: the same function as `decoder` for prompts without a mask input,
 computed with less work per prompt (the image side shared by the batch). Directories without it
 (older exports, INT8 directories whose decoder was quantized) run every prompt through `decoder`.
+Its extra scalar input `upscale_iou_threshold` lets everything mode skip the mask upscaler for
+prompts it would drop anyway (see POINTS_DECODER_GATE).
 """
 
 import hashlib
@@ -66,8 +68,13 @@ DECODER_OUTPUTS = (
     ("low_res_masks", ("B", 3, 256, 256)),
     ("iou_predictions", ("B", 3)),
 )
-# The points decoder: the decoder's contract without the mask input (has_mask_input = 0).
-POINTS_DECODER_INPUTS = DECODER_INPUTS[:3]
+# The points decoder: the decoder's contract without the mask input (has_mask_input = 0), plus a
+# scalar gate: a prompt's masks are computed only if one of its 3 predicted IoUs is above it (the
+# others come back as zeros; everything mode drops them by the same threshold). Exports made
+# before the gate existed have the first three inputs only; sessions accept both.
+POINTS_DECODER_GATE = ("upscale_iou_threshold", ())
+POINTS_DECODER_INPUTS = DECODER_INPUTS[:3] + (POINTS_DECODER_GATE,)
+POINTS_DECODER_INPUTS_UNGATED = DECODER_INPUTS[:3]
 POINTS_DECODER_OUTPUTS = DECODER_OUTPUTS
 
 

@@ -129,6 +129,13 @@ class TinySAMPredictor:
         return self._require_embedding().input_size
 
     @property
+    def skips_low_iou_upscaling(self):
+        """True when `predict_batch(..., upscale_iou_threshold=t)` really skips work for point
+        prompts whose IoUs are all <= t (a points decoder exported with the gate)."""
+        points = self._decoder.points_decoder
+        return points is not None and points.gated
+
+    @property
     def cache_len(self):
         return len(self._cache)
 
@@ -177,7 +184,7 @@ class TinySAMPredictor:
             masks = masks > self.manifest.mask_threshold
         return masks, scores, low_res
 
-    def predict_batch(self, point_coords, point_labels, mask_input=None, embedding=None):
+    def predict_batch(self, point_coords, point_labels, mask_input=None, embedding=None, upscale_iou_threshold=None):
         """B prompts, in the 1024 frame, without upsampling.
 
         Any B works: the decoder runs on at most `MAX_DECODER_BATCH` prompts at a time, so its
@@ -190,17 +197,21 @@ class TinySAMPredictor:
             point_labels: (B, N) in {-1, 0, 1, 2, 3}.
             mask_input: (B, 1, 256, 256) low-res logits or None.
             embedding: an ImageEmbedding to use instead of the current image.
+            upscale_iou_threshold: None (every mask), or a float t for callers that keep only
+                masks with predicted IoU > t (everything mode): prompts whose 3 IoUs are all <= t
+                may then get zero logits, as the points decoder skips their mask upscaler.
 
         Returns:
             low_res_logits (B, 3, 256, 256) float32, iou_predictions (B, 3) float32.
         """
         embedding = self._require_embedding() if embedding is None else self._check_embedding(embedding)
         long_side = self.manifest.preprocess.image_size
+        gate = prompts.validate_iou_threshold(upscale_iou_threshold)
         try:
             coords, labels, mask, has_mask = prompts.validate_batch(point_coords, point_labels, mask_input, long_side)
             batch = len(coords)
             if batch <= MAX_DECODER_BATCH:
-                return self._decoder.run(embedding.features, coords, labels, mask, has_mask)
+                return self._decoder.run(embedding.features, coords, labels, mask, has_mask, gate)
             low_res = np.empty((batch, 3, prompts.LOW_RES, prompts.LOW_RES), np.float32)  # (B, 3, 256, 256)
         except MemoryError:
             batch = np.shape(point_coords)[0]
@@ -212,5 +223,5 @@ class TinySAMPredictor:
         for start in range(0, batch, MAX_DECODER_BATCH):
             part = slice(start, start + MAX_DECODER_BATCH)
             low_res[part], iou[part] = self._decoder.run(embedding.features, coords[part], labels[part],
-                                                         mask[part], has_mask[part])
+                                                         mask[part], has_mask[part], gate)
         return low_res, iou

@@ -190,3 +190,14 @@ def validate_batch(point_coords, point_labels, mask_input=None, long_side=None):
             raise ValueError(f"mask_input must have shape ({coords.shape[0]}, 1, 256, 256), got {mask_input.shape}")
     mask, has_mask = mask_feeds(mask_input, coords.shape[0])
     return coords.astype(np.float32), labels.astype(np.float32), mask, has_mask
+
+
+def validate_iou_threshold(value):
+    """`predict_batch`'s upscale_iou_threshold: None, or a finite real number (returned as float)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"upscale_iou_threshold must be None or a number, got {type(value).__name__}")
+    if not np.isfinite(value):
+        raise ValueError(f"upscale_iou_threshold must be finite, got {value}")
+    return float(value)

@@ -96,6 +96,7 @@ class _GraphSession:
             self._session = ort.InferenceSession(str(graph.path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # ORT raises several pybind types for corrupt files
             raise ModelFileError(f"{graph.path}: ONNX Runtime cannot load the {self.role} graph: {exc}") from None
+        self.expected_inputs = self._contract_inputs(graph)
         _check_io("inputs", graph.path, graph.inputs, self.expected_inputs, self._session.get_inputs())
         _check_io("outputs", graph.path, graph.outputs, self.expected_outputs, self._session.get_outputs())
         stamped = self._session.get_modelmeta().custom_metadata_map.get(manifest_mod.WEIGHTS_ID_METADATA_KEY)
@@ -108,9 +109,14 @@ class _GraphSession:
         self.output_names = [name for name, _ in self.expected_outputs]
         logger.debug("loaded %s %s (%s)", self.role, graph.path, graph.precision)
 
+    def _contract_inputs(self, graph):
+        """The input contract `graph` is held to (one per role, except the points decoder's two)."""
+        return self.expected_inputs
+
     def _run(self, feeds):
         """Run with every feed as a C-contiguous float32 array (the contract's only dtype)."""
-        feeds = {name: np.ascontiguousarray(value, dtype=np.float32) for name, value in feeds.items()}
+        # asarray, not ascontiguousarray: that one turns the 0-d gate threshold into shape (1,).
+        feeds = {name: np.asarray(value, dtype=np.float32, order="C") for name, value in feeds.items()}
         return self._session.run(self.output_names, feeds)
 
 
@@ -170,17 +176,35 @@ class PointsDecoderSession(_GraphSession):
     expected_inputs = manifest_mod.POINTS_DECODER_INPUTS
     expected_outputs = manifest_mod.POINTS_DECODER_OUTPUTS
 
-    def run(self, image_embeddings, point_coords, point_labels):
+    def _contract_inputs(self, graph):
+        ungated = manifest_mod.POINTS_DECODER_INPUTS_UNGATED
+        if [spec.name for spec in graph.inputs] == [name for name, _ in ungated]:
+            return ungated  # exported before the upscaler gate: still a valid points decoder
+        return manifest_mod.POINTS_DECODER_INPUTS
+
+    @property
+    def gated(self):
+        """True when the graph can skip the mask upscaler below an IoU threshold."""
+        return len(self.expected_inputs) == len(manifest_mod.POINTS_DECODER_INPUTS)
+
+    def run(self, image_embeddings, point_coords, point_labels, upscale_iou_threshold=None):
         """
         Args:
             image_embeddings: (1, 256, 64, 64) float32.
             point_coords: (B, N, 2) float32, XY in the 1024 frame.
             point_labels: (B, N) float32; 1 fg, 0 bg, 2/3 box corners, -1 padding.
+            upscale_iou_threshold: None computes every mask. A float t: masks are only computed for
+                prompts with some predicted IoU > t; the others' masks may come back as zeros
+                (always computed by a graph without the gate).
 
         Returns:
             low_res_masks (B, 3, 256, 256) float32 logits, iou_predictions (B, 3) float32.
         """
         feeds = {"image_embeddings": image_embeddings, "point_coords": point_coords, "point_labels": point_labels}
+        if self.gated:
+            # float32 like the IoUs: `iou > t` in numpy (and in SAM's torch) compares in float32 too.
+            gate = -np.inf if upscale_iou_threshold is None else upscale_iou_threshold
+            feeds[manifest_mod.POINTS_DECODER_GATE[0]] = np.float32(gate)
         low_res_masks, iou_predictions = self._run(feeds)
         return low_res_masks, iou_predictions
 
@@ -201,10 +225,14 @@ class PromptDecoder:
         self.decoder = decoder
         self.points_decoder = points_decoder
 
-    def run(self, image_embeddings, point_coords, point_labels, mask_input, has_mask_input):
-        """`DecoderSession.run`: (B, 3, 256, 256) logits and (B, 3) predicted IoU."""
+    def run(self, image_embeddings, point_coords, point_labels, mask_input, has_mask_input,
+            upscale_iou_threshold=None):
+        """`DecoderSession.run`: (B, 3, 256, 256) logits and (B, 3) predicted IoU.
+
+        `upscale_iou_threshold` as in `PointsDecoderSession.run` (the plain decoder computes every mask).
+        """
         if self.points_decoder is not None and not np.any(has_mask_input):
-            return self.points_decoder.run(image_embeddings, point_coords, point_labels)
+            return self.points_decoder.run(image_embeddings, point_coords, point_labels, upscale_iou_threshold)
         return self.decoder.run(image_embeddings, point_coords, point_labels, mask_input, has_mask_input)
 
 
