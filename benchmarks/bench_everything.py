@@ -595,10 +595,10 @@ def render(report):
                  f"{r['gated']['decoder_seconds']:.1f}", f"{r['ungated']['decoder_seconds']:.1f}", r["gated"]["masks"]]
                 for r in report["gate"]["rows"]]
         side = report["settings"]["points_per_side"]
+        low, high = report["gate"]["best_iou_range"]
         parts.append(f"Upscaler gate, standard {side}x{side}, one run each: pred_iou_thresh set to the quantile of "
                      "this model's best predicted IoU per grid prompt that leaves the given share of prompts with "
-                     "all 3 IoUs at or below it (random weights predict IoUs "
-                     "{:.2f}..{:.2f}, ".format(*report["gate"]["best_iou_range"])
+                     f"all 3 IoUs at or below it (random weights predict IoUs {low:.2f}..{high:.2f}, "
                      "so SAM's 0.88 would gate them all); 'off' computes every mask; both give the same masks:\n\n"
                      + _table(["gated share", "pred_iou_thresh", "prompts upscaled", "gate on s", "gate off s",
                                "speed-up", "decoder s (on)", "decoder s (off)", "masks"], rows))
