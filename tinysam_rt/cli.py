@@ -213,7 +213,9 @@ def _cmd_everything(args):
     overlay = _overlay_records(image, result.records)
     # Staged as one set: a failure while writing keeps the previous overlay.png + masks.json pair.
     atomic_write_files({args.out / "overlay.png": io.encode_png(overlay), args.out / "masks.json": io.encode_json(report)})
-    print(f"{len(result.records)} masks from {stats['points_run']} prompts ({stats['mode']}) "
+    gated = stats["points_run"] - stats["points_upscaled"]
+    skipped = f"; {gated} with every IoU <= {config.pred_iou_thresh} were not upscaled" if gated else ""
+    print(f"{len(result.records)} masks from {stats['points_run']} prompts ({stats['mode']}{skipped}) "
           f"-> {args.out}/overlay.png, masks.json")
     _warn_if_random(predictor.manifest)
     return 0
