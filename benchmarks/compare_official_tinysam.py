@@ -52,9 +52,9 @@ class _PromptRecorder:
     def __getattr__(self, name):
         return getattr(self._predictor, name)
 
-    def predict_batch(self, point_coords, point_labels, mask_input=None, embedding=None):
+    def predict_batch(self, point_coords, point_labels, mask_input=None, embedding=None, upscale_iou_threshold=None):
         self.points.append(np.asarray(point_coords)[:, 0, :].copy())
-        return self._predictor.predict_batch(point_coords, point_labels, mask_input, embedding)
+        return self._predictor.predict_batch(point_coords, point_labels, mask_input, embedding, upscale_iou_threshold)
 
 
 def run_official(repo, checkpoint, image, points_per_side, thresholds):
