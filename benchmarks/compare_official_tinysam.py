@@ -175,7 +175,7 @@ def main(argv=None):
                      "seconds": round(their_s, 1)},
         "tinysam_rt": {"sparse_points": stats.sparse_points, "dense_points": stats.points_run - stats.sparse_points,
                        "dense_skipped": stats.dense_skipped, "covered_fraction": round(stats.covered_fraction, 4),
-                       "masks": len(ours), "seconds": round(our_s, 1)},
+                       "points_upscaled": stats.points_upscaled, "masks": len(ours), "seconds": round(our_s, 1)},
         "sparse_points_differ": _point_set_diff(our_prompts[:stats.sparse_points], their_prompts[0]),
         "dense_points_only_ours": only_ours, "dense_points_only_official": only_theirs,
         **compare(ours, theirs),
