@@ -86,6 +86,9 @@ def _graph_runners(predictor):
     runners = {"decoder": lambda c, l, e: decoder.decoder.run(e.features, c, l, *prompts.mask_feeds(None, len(c)))}
     if decoder.points_decoder is not None:
         runners["points_decoder"] = lambda c, l, e: decoder.points_decoder.run(e.features, c, l)
+        if decoder.points_decoder.gated:  # what predict and everything mode run after an image's first call
+            runners["points_decoder, image side cached"] = \
+                lambda c, l, e: decoder.points_decoder.run(e.features, c, l, cache=e.decoder_cache)
     return runners
 
 
@@ -492,6 +495,13 @@ def findings(report):
                      f"{same['p50_s'] / best['p50_s']:.2f}x the plain graph at that batch; the goal is 60.")
             if one:
                 text += f" At B=1 (interactive clicks) it takes {one['p50_s'] * 1e3:.1f} ms per call."
+        cached = [r for r in rows if r["graph"] == "points_decoder, image side cached"]
+        if points and cached:
+            pairs = [(next(r for r in points if r["batch"] == c["batch"]), c) for c in cached if c["batch"] in (1, 16)]
+            text += (" Reading the per-image part of layer 0 from the image's cache (as predict and everything mode "
+                     "do after an image's first call): " + ", ".join(
+                         f"B={c['batch']} {u['ms_per_prompt_p50']:.1f} -> {c['ms_per_prompt_p50']:.1f} ms per prompt"
+                         for u, c in pairs) + ".")
         lines.append(text)
     if "rss" in report:
         rss = {k: v["peak_bytes"] / 2**20 for k, v in report["rss"].items()}

@@ -32,8 +32,8 @@ from tinysam_rt.atomic import atomic_directory
 from tinysam_rt.sessions import DecoderSession, EncoderSession, PointsDecoderSession
 from tinysam_export.metadata import set_weights_id
 from tinysam_export.model.build import IMAGE_SIZE, MASK_TOKENS, PIXEL_MEAN, PIXEL_STD, build_tinysam
-from tinysam_export.onnx_scan import gate_body, scan_over_batch
-from tinysam_export.onnx_wrappers import DecoderOnnx, EncoderOnnx, PointsDecoderOnnx, UpscalerOnnx
+from tinysam_export.onnx_scan import cached_or_computed, gate_body, scan_over_batch
+from tinysam_export.onnx_wrappers import DecoderOnnx, EncoderOnnx, ImageSideOnnx, PointsDecoderOnnx, UpscalerOnnx
 
 ENCODER_FILE = "encoder.onnx"
 DECODER_FILE = "decoder.onnx"
@@ -131,32 +131,48 @@ def export_decoder(model, path, weights_id, opset=17):
 def export_points_decoder(model, path, weights_id, opset=17):
     """Write the points-only decoder graph (POINTS_DECODER_INPUTS -> POINTS_DECODER_OUTPUTS).
 
-    Two traces joined by `onnx_scan.scan_over_batch`: `PointsDecoderOnnx` for the B prompts up to
-    the upscaler, then a Scan running `UpscalerOnnx` once per prompt, gated by `onnx_scan.gate_body`
-    on the prompt's predicted IoUs and the graph's scalar `upscale_iou_threshold` input.
+    Three traces joined with `onnx_scan`: `PointsDecoderOnnx` for the B prompts up to the
+    upscaler, reading the per-image `image_side` that `cached_or_computed` takes from the
+    caller's cache or computes with `ImageSideOnnx`; then a Scan running `UpscalerOnnx` once per
+    prompt, gated by `gate_body` on the prompt's predicted IoUs and `upscale_iou_threshold`.
     """
     inputs, outputs = manifest_mod.POINTS_DECODER_INPUTS, manifest_mod.POINTS_DECODER_OUTPUTS
-    (masks_name, (_, masks, h, w)), (iou_name, iou_shape) = outputs
+    (masks_name, (_, masks, h, w)), (iou_name, iou_shape), (side_name, side_shape) = outputs
     gate_name, gate_shape = manifest_mod.POINTS_DECODER_GATE
+    cache_name = manifest_mod.POINTS_DECODER_CACHE[0]
     grid_h, grid_w = model.prompt_encoder.image_embedding_size  # 64 x 64 image tokens
     channels = model.mask_decoder.transformer_dim  # 256
     hyper_channels = model.mask_decoder.output_upscaling[3].out_channels  # 32
     tokens_shape, hyper_shape = ("B", grid_h * grid_w, channels), ("B", masks, hyper_channels)
-    head_inputs = tuple(item for item in inputs if item[0] != gate_name)  # the gate is read by the Scan only
+    # The head reads the image side as an input; cached_or_computed then makes it an If's output.
+    head_inputs = tuple(item for item in inputs if item[0] not in (gate_name, cache_name)) + ((side_name, side_shape),)
     head_outputs = (("image_tokens", tokens_shape), ("hyper_in", hyper_shape), (iou_name, iou_shape))
     body_inputs = [("image_tokens", tokens_shape[1:]), ("hyper_in", hyper_shape[1:])]
-    example = _example_decoder_inputs(TRACE_B, TRACE_N)[:3]
-    head = _torch_export(PointsDecoderOnnx(model).eval(), example, head_inputs, head_outputs,
-                         _dynamic_axes(head_inputs + head_outputs), opset)
-    head.graph.input.append(onnx.helper.make_tensor_value_info(gate_name, onnx.TensorProto.FLOAT, list(gate_shape)))
+    embeddings, coords, labels = _example_decoder_inputs(TRACE_B, TRACE_N)[:3]
     with torch.no_grad():
-        tokens, hyper_in, _ = PointsDecoderOnnx(model).eval()(*example)
+        side = ImageSideOnnx(model).eval()(embeddings)
+        tokens, hyper_in, _ = PointsDecoderOnnx(model).eval()(embeddings, coords, labels, side)
+    head = _torch_export(PointsDecoderOnnx(model).eval(), (embeddings, coords, labels, side), head_inputs,
+                         head_outputs, _dynamic_axes(head_inputs + head_outputs), opset)
+    compute_side = _torch_export(ImageSideOnnx(model).eval(), (embeddings,), inputs[:1], [(side_name, side_shape)],
+                                 None, opset)
+    cached_or_computed(head, side_name, cache_name, compute_side, prefix="image_side/")
+    head.graph.input.append(onnx.helper.make_tensor_value_info(gate_name, onnx.TensorProto.FLOAT, list(gate_shape)))
     body = _torch_export(UpscalerOnnx(model).eval(), (tokens[0], hyper_in[0]), body_inputs,
                          [(masks_name, (masks, h, w))], None, opset)
     body = gate_body(body, (iou_name, iou_shape[1:]), gate_name)
     joined = scan_over_batch(head, body, ["image_tokens", "hyper_in", iou_name], [masks_name],
-                             [masks_name, iou_name], prefix="upscale/")
+                             [masks_name, iou_name, side_name], prefix="upscale/")
+    _reorder_inputs(joined, [name for name, _ in inputs])
     _write_graph(joined, path, outputs, weights_id)
+
+
+def _reorder_inputs(model, names):
+    """Put the graph inputs in the contract's order (sessions match by name; this is for readers)."""
+    by_name = {value.name: value for value in model.graph.input}
+    ordered = [by_name[name] for name in names]
+    del model.graph.input[:]
+    model.graph.input.extend(ordered)
 
 
 def build_manifest(model_dir, weights, opset):

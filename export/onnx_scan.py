@@ -1,10 +1,13 @@
-"""Join two traced ONNX graphs with a Scan: the second runs once per item of the first's batch.
+"""Splice traced ONNX graphs together: a Scan (per-item stage), an If gate, a cached input.
 
 The tracer cannot emit a loop, so a per-item stage is traced on its own (one item, no batch axis)
 and spliced in here as the body of an ONNX `Scan` over axis 0 of the outer graph's outputs. Every
 name inside the body gets a prefix, so nothing in it shadows a name of the outer graph.
+`gate_body` wraps such a body in an If on a per-item score; `cached_or_computed` lets a caller
+pass in a value the graph would otherwise compute on every run (e.g. a per-image tensor).
 """
 
+import numpy as np
 import onnx
 from onnx import helper
 
@@ -146,5 +149,67 @@ def scan_over_batch(outer, body, scan_inputs, scan_outputs, graph_outputs, prefi
         outputs.append(value)
     del graph.output[:]
     graph.output.extend(outputs)
+    onnx.checker.check_model(outer)
+    return outer
+
+
+def cached_or_computed(outer, value, cache_input, compute, prefix):
+    """Let the caller pass in a value the graph would otherwise compute on every run.
+
+    `value`, a graph input of `outer`, becomes the output of an If: the new graph input
+    `cache_input` when that has any elements, else the output of `compute`, run inside the
+    branch on `outer`'s inputs (referenced by name). `value` also becomes the last graph output,
+    so a caller can keep it from one run and pass it as `cache_input` to the next.
+
+    Args:
+        outer: onnx.ModelProto with a graph input named `value`.
+        value: that input's name.
+        cache_input: name of the new graph input; same type as `value`, first axis dynamic
+            ("S"), an empty (size-0) tensor meaning "compute it".
+        compute: onnx.ModelProto whose inputs are graph inputs of `outer` (same names) and whose
+            single output has `value`'s type. Same opsets as `outer`.
+        prefix: prepended to every name `compute` defines and to the new nodes' names.
+    Returns:
+        `outer`, modified in place and checked with onnx.checker.
+    """
+    graph = outer.graph
+    declared = next((v for v in graph.input if v.name == value), None)
+    if declared is None:
+        raise ValueError(f"{value!r} is not a graph input of the outer model")
+    if len(compute.graph.output) != 1:
+        raise ValueError(f"compute must have one output, has {len(compute.graph.output)}")
+    outer_inputs = {v.name for v in graph.input} - {value}
+    if {v.name for v in compute.graph.input} - outer_inputs:
+        raise ValueError(f"compute's inputs {[v.name for v in compute.graph.input]} must be inputs of the outer model")
+    opsets = {(o.domain, o.version) for o in outer.opset_import}
+    if {(o.domain, o.version) for o in compute.opset_import} - opsets:
+        raise ValueError("compute's opsets are not all in the outer model's")
+
+    computed = onnx.GraphProto()
+    computed.CopyFrom(compute.graph)
+    own = _defined_names(computed) - {v.name for v in computed.input}
+    _rename(computed, {name: prefix + name for name in own}, prefix)
+    del computed.input[:]  # a branch sees them as outer-scope values
+    computed.name = "compute"
+    given = helper.make_graph(
+        [helper.make_node("Identity", [cache_input], [prefix + "given"], name=prefix + "given")], "given", [],
+        [helper.make_tensor_value_info(prefix + "given", declared.type.tensor_type.elem_type, None)])
+    cache = onnx.ValueInfoProto()
+    cache.CopyFrom(declared)
+    cache.name = cache_input
+    cache.type.tensor_type.shape.dim[0].Clear()
+    cache.type.tensor_type.shape.dim[0].dim_param = "S"
+    nodes = [
+        helper.make_node("Size", [cache_input], [prefix + "size"], name=prefix + "size"),
+        helper.make_node("Greater", [prefix + "size", prefix + "zero"], [prefix + "has_cache"], name=prefix + "has_cache"),
+        helper.make_node("If", [prefix + "has_cache"], [value], name=prefix + "if", then_branch=given, else_branch=computed),
+    ]
+    graph.initializer.append(onnx.numpy_helper.from_array(np.array(0, np.int64), prefix + "zero"))
+    graph.input.remove(declared)
+    graph.input.append(cache)
+    ordered = nodes + list(graph.node)  # the If first keeps the graph topologically sorted
+    del graph.node[:]
+    graph.node.extend(ordered)
+    graph.output.append(declared)
     onnx.checker.check_model(outer)
     return outer

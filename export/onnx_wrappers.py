@@ -6,9 +6,9 @@ prompts and the number N of points are both dynamic; the image embedding is shar
 prompts through `expand` (no copies); `has_mask_input` is per prompt (B,); only TinySAM's tokens
 1..3 are returned; no resizing to the original image (the runtime does that in numpy).
 
-`PointsDecoderOnnx` and `UpscalerOnnx` make a second decoder graph for prompts without a mask input
-(points and boxes, which is every everything-mode prompt and most interactive ones). It computes
-the same function with less work per prompt; see their docstrings.
+`PointsDecoderOnnx`, `ImageSideOnnx` and `UpscalerOnnx` make a second decoder graph for prompts
+without a mask input (points and boxes, which is every everything-mode prompt and most interactive
+ones). It computes the same function with less work per prompt; see their docstrings.
 
 These modules exist only to be traced by `torch.onnx.export`; use `build_tinysam` for eager use.
 """
@@ -204,6 +204,41 @@ def upscale_masks(decoder, src, hyper_in, size):
     return masks.reshape(b, m, 4 * h, 4 * w)
 
 
+def layer0_image_side(decoder, image_embeddings):
+    """The prompt-independent part of the two-way transformer's layer 0, for one image.
+
+    Without a mask input every prompt sees the same image side (embedding + no-mask embedding,
+    positional encoding), so the token -> image attention's k/v projections and the image ->
+    token attention's q projection of it are the same for every prompt of an image.
+
+    Args:
+        decoder: DecoderOnnx; image_embeddings: (1, 256, 64, 64).
+    Returns:
+        (3, h, 4096, d): k and v of cross_attn_token_to_image, q of cross_attn_image_to_token.
+    """
+    prompt, layer0 = decoder.prompt_encoder, decoder.mask_decoder.transformer.layers[0]
+    no_mask = prompt.no_mask_embed.weight.reshape(1, -1, 1, 1)
+    image = (image_embeddings + no_mask).flatten(2).transpose(1, 2)  # (1, 4096, 256)
+    pos = prompt.get_dense_pe().flatten(2).transpose(1, 2)  # (1, 4096, 256)
+    to_image, to_tokens = layer0.cross_attn_token_to_image, layer0.cross_attn_image_to_token
+    k = _heads(to_image.k_proj(image + pos), to_image.num_heads)  # (1, h, 4096, d)
+    v = _heads(to_image.v_proj(image), to_image.num_heads)
+    q = _heads(to_tokens.q_proj(image + pos), to_tokens.num_heads)
+    return torch.cat([k, v, q], dim=0)  # (3, h, 4096, d)
+
+
+class ImageSideOnnx(nn.Module):
+    """`layer0_image_side`: image_embeddings (1, 256, 64, 64) -> (3, h, 4096, d). The branch of the
+    points decoder graph that runs when the caller has no cached image side for this image."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.decoder = DecoderOnnx(model)
+
+    def forward(self, image_embeddings):
+        return layer0_image_side(self.decoder, image_embeddings)
+
+
 class PointsDecoderOnnx(nn.Module):
     """The points decoder up to the mask upscaler: `DecoderOnnx` for prompts without a mask input,
     with less work per prompt (see forward). `export_onnx.export_points_decoder` runs
@@ -213,12 +248,13 @@ class PointsDecoderOnnx(nn.Module):
         super().__init__()
         self.decoder = DecoderOnnx(model)
 
-    def forward(self, image_embeddings, point_coords, point_labels):
+    def forward(self, image_embeddings, point_coords, point_labels, image_side):
         """`DecoderOnnx.predict_masks` with has_mask_input = 0 for every prompt, before upscaling.
 
         Without a mask input every prompt sees the same image side (embedding + no-mask embedding,
         positional encoding), so layer 0's image-side k/v (tokens -> image) and q (image -> tokens)
-        projections run once per batch and broadcast over the B prompts. After layer 0 the image
+        projections are computed once per image (`layer0_image_side`, given here as `image_side`)
+        and broadcast over the B prompts. After layer 0 the image
         side differs per prompt; there every image-side projection (4096 x 256 x 128 MACs) is
         multiplied through the 5 + N tokens instead (4096 x 256 x 8(5 + N)), which is cheaper
         while N < 11. The final attention only updates tokens, and only the IoU token and the 3
@@ -229,6 +265,7 @@ class PointsDecoderOnnx(nn.Module):
             image_embeddings: (1, 256, 64, 64) float32.
             point_coords: (B, N, 2) float32, XY pixels, 1024 frame (padding rule as DecoderOnnx).
             point_labels: (B, N) float32; 1 fg, 0 bg, 2/3 box corners, -1 padding.
+            image_side: (3, h, 4096, d), `layer0_image_side` of this image.
         Returns:
             image_tokens (B, 4096, 256) after the transformer, hyper_in (B, 3, 32) hypernetwork
             outputs of the returned mask tokens, iou_predictions (B, 3) float32.
@@ -245,17 +282,15 @@ class PointsDecoderOnnx(nn.Module):
         pos = prompt.get_dense_pe().flatten(2).transpose(1, 2)  # (1, 4096, 256)
 
         # Layer 0 (skip_first_layer_pe): the image side is shared by the batch.
+        k, v, shared_q = (image_side[i : i + 1] for i in range(3))  # (1, h, 4096, d) each
         queries = layer0.norm1(layer0.self_attn(q=tokens, k=tokens, v=tokens))  # (B, T, 256)
         attn = layer0.cross_attn_token_to_image
         h, d = attn.num_heads, attn.internal_dim // attn.num_heads
-        k = _heads(attn.k_proj(image + pos), h)  # (1, h, 4096, d)
-        v = _heads(attn.v_proj(image), h)
         q = _heads(attn.q_proj(queries + tokens), h)  # (B, h, T, d)
         mixed = torch.softmax(q @ k.transpose(2, 3) / math.sqrt(d), dim=-1) @ v  # (B, h, T, d)
         queries = layer0.norm2(queries + attn.out_proj(mixed.transpose(1, 2).reshape(b, -1, h * d)))
         queries = layer0.norm3(queries + layer0.mlp(queries))
         attn = layer0.cross_attn_image_to_token
-        shared_q = _heads(attn.q_proj(image + pos), attn.num_heads)  # (1, h, 4096, d)
         keys = layer0.norm4(image + _image_to_tokens(attn, None, queries + tokens, queries, shared_q))  # (B, 4096, 256)
 
         # Layer 1 and the final attention: per prompt, reassociated through the tokens.

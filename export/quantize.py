@@ -558,9 +558,13 @@ def _budgets(role, config, roles):
 def _write_manifest(staging, manifest, graphs, recipe):
     """manifest.json of the INT8 directory: the FP32 one with new graph entries and the recipe."""
     doc = copy.deepcopy(manifest.raw)
+    def declared(specs):
+        return [(spec.name, spec.shape) for spec in specs]
+
     contract = {"encoder": (manifest_mod.ENCODER_INPUTS, manifest_mod.ENCODER_OUTPUTS),
-                "decoder": (manifest_mod.DECODER_INPUTS, manifest_mod.DECODER_OUTPUTS),
-                "points_decoder": (manifest_mod.POINTS_DECODER_INPUTS, manifest_mod.POINTS_DECODER_OUTPUTS)}
+                "decoder": (manifest_mod.DECODER_INPUTS, manifest_mod.DECODER_OUTPUTS)}
+    if manifest.points_decoder is not None:  # copied as it is: basic or current contract, as declared
+        contract["points_decoder"] = (declared(manifest.points_decoder.inputs), declared(manifest.points_decoder.outputs))
     doc["graphs"].pop("points_decoder", None)  # kept only when `graphs` has it (decoder not quantized)
     for role, (path, precision) in graphs.items():
         doc["graphs"][role] = manifest_mod.graph_entry(role, path, precision, manifest.weights_id, *contract[role])

@@ -32,9 +32,9 @@ LEFT_OF = 512.0  # prompts with x < this (1024 frame) get a confident token 1
 def _region_model_dir(out_dir, points_decoder=None):
     """Write encoder.onnx, decoder.onnx and manifest.json of the known-output model.
 
-    points_decoder: None, or "ungated" / "gated" to add a points_decoder.onnx with the same
-    function (3 inputs as exported before the upscaler gate / 4 inputs: zero masks for prompts
-    whose IoUs are all <= upscale_iou_threshold, like the exported graph's gate).
+    points_decoder: None, or "basic" / "gated" to add a points_decoder.onnx with the same
+    function (the basic contract of exports before the upscaler gate / the current one: zero
+    masks for prompts whose IoUs are all <= upscale_iou_threshold, like the exported graph's gate).
     """
     onnx = pytest.importorskip("onnx")
     from onnx import TensorProto, helper, numpy_helper
@@ -86,11 +86,12 @@ def _region_model_dir(out_dir, points_decoder=None):
     decoder = helper.make_graph(
         nodes, "region_decoder", io(manifest_mod.DECODER_INPUTS), io(manifest_mod.DECODER_OUTPUTS), initializers
     )
-    graphs = [("encoder", encoder, manifest_mod.ENCODER_INPUTS), ("decoder", decoder, manifest_mod.DECODER_INPUTS)]
-    if points_decoder == "ungated":
-        inputs = manifest_mod.POINTS_DECODER_INPUTS_UNGATED
-        graphs.append(("points_decoder", helper.make_graph(nodes, "region_points", io(inputs),
-                                                           io(manifest_mod.DECODER_OUTPUTS), initializers), inputs))
+    graphs = [("encoder", encoder, manifest_mod.ENCODER_INPUTS, manifest_mod.ENCODER_OUTPUTS),
+              ("decoder", decoder, manifest_mod.DECODER_INPUTS, manifest_mod.DECODER_OUTPUTS)]
+    if points_decoder == "basic":
+        inputs, outputs = manifest_mod.POINTS_DECODER_BASIC_INPUTS, manifest_mod.POINTS_DECODER_BASIC_OUTPUTS
+        graphs.append(("points_decoder", helper.make_graph(nodes, "region_points", io(inputs), io(outputs), initializers),
+                       inputs, outputs))
     elif points_decoder == "gated":
         inputs = manifest_mod.POINTS_DECODER_INPUTS
         gate = [node(n.op_type, n.input, ["all_masks" if o == "low_res_masks" else o for o in n.output],
@@ -100,12 +101,15 @@ def _region_model_dir(out_dir, points_decoder=None):
             node("Greater", ["best", "upscale_iou_threshold"], ["run"]), node("Cast", ["run"], ["runf"], to=TensorProto.FLOAT),
             node("Unsqueeze", ["runf", "ax23"], ["run4"]),  # (B, 1, 1, 1)
             node("Mul", ["all_masks", "run4"], ["low_res_masks"]),
+            node("ConstantOfShape", ["side_shape"], ["image_side"]),  # nothing per image here
         ]
-        extra = [numpy_helper.from_array(np.array([2, 3], np.int64), "ax23")]
-        graphs.append(("points_decoder", helper.make_graph(gate, "region_points_gated", io(inputs),
-                                                           io(manifest_mod.DECODER_OUTPUTS), initializers + extra), inputs))
+        extra = [numpy_helper.from_array(np.array([2, 3], np.int64), "ax23"),
+                 numpy_helper.from_array(np.array(manifest_mod.POINTS_DECODER_IMAGE_SIDE[1], np.int64), "side_shape")]
+        outputs = manifest_mod.POINTS_DECODER_OUTPUTS
+        graphs.append(("points_decoder", helper.make_graph(gate, "region_points_gated", io(inputs), io(outputs),
+                                                           initializers + extra), inputs, outputs))
     out_dir.mkdir(parents=True, exist_ok=True)
-    for name, graph in ((f"{role}.onnx", graph) for role, graph, _ in graphs):
+    for name, graph in ((f"{role}.onnx", graph) for role, graph, _, _ in graphs):
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
         model.ir_version = 8
         onnx.checker.check_model(model)
@@ -120,9 +124,8 @@ def _region_model_dir(out_dir, points_decoder=None):
                        "pixel_std": [58.395, 57.12, 57.375], "pad_value": 0.0},
         "postprocess": {"mask_threshold": 0.0, "low_res_size": 256, "mask_tokens": [1, 2, 3]},
         "graphs": {
-            role: manifest_mod.graph_entry(role, out_dir / f"{role}.onnx", "fp32", weights_id, inputs,
-                                           manifest_mod.ENCODER_OUTPUTS if role == "encoder" else manifest_mod.DECODER_OUTPUTS)
-            for role, _, inputs in graphs
+            role: manifest_mod.graph_entry(role, out_dir / f"{role}.onnx", "fp32", weights_id, inputs, outputs)
+            for role, _, inputs, outputs in graphs
         },
         "quantization": None,
     }
@@ -289,12 +292,12 @@ def test_batch_size_does_not_change_the_result(region_predictor):
 
 @pytest.mark.parametrize("hierarchical", [None, HierarchicalConfig()])
 def test_the_upscaler_gate_changes_work_not_results(tmp_path, region_predictor, hierarchical):
-    # Same function behind three decoders: plain, a points decoder without the gate (an older
-    # export), one that returns zero masks for prompts whose IoUs are all <= the threshold.
+    # Same function behind three decoders: plain, a points decoder with the basic contract (an
+    # older export), one that returns zero masks for prompts whose IoUs are all <= the threshold.
     image = synthetic_image(200, 260, seed=3)
     config = AmgConfig(points_per_side=16)
     predictors = {"plain": region_predictor}
-    for kind in ("ungated", "gated"):
+    for kind in ("basic", "gated"):
         predictors[kind] = TinySAMPredictor(model_dir=_region_model_dir(tmp_path / kind, kind), threads=1)
     runs = {k: TinySAMAutomaticMaskGenerator(p, config, hierarchical).run(image) for k, p in predictors.items()}
     assert [p.skips_low_iou_upscaling for p in predictors.values()] == [False, False, True]
@@ -310,7 +313,7 @@ def test_the_upscaler_gate_changes_work_not_results(tmp_path, region_predictor, 
     TinySAMAutomaticMaskGenerator(fed, config, hierarchical).run(image)
     left = int((fed.prompts_1024()[:, 0] < LEFT_OF).sum())
     assert 0 < runs["gated"].stats.points_upscaled == left < runs["gated"].stats.points_run
-    assert runs["ungated"].stats.points_upscaled == runs["plain"].stats.points_upscaled == reference.stats.points_run
+    assert runs["basic"].stats.points_upscaled == runs["plain"].stats.points_upscaled == reference.stats.points_run
 
 
 def test_no_iou_filter_means_no_gate(tmp_path):

@@ -52,7 +52,8 @@ def test_manifest_describes_the_export(fp32_model_dir, manifest):
     assert doc["weights"] == {"source": "random", "checkpoint_sha256": None, "seed": 0, "weights_id": "random-seed-0"}
     assert {g.weights_id for g in manifest.graphs} == {manifest.weights_id} == {"random-seed-0"}
     assert [s.name for s in manifest.points_decoder.inputs] == ["image_embeddings", "point_coords", "point_labels",
-                                                                "upscale_iou_threshold"]
+                                                                "upscale_iou_threshold", "image_side_cache"]
+    assert [s.name for s in manifest.points_decoder.outputs] == ["low_res_masks", "iou_predictions", "image_side"]
     assert doc["opset"] == 17 and doc["export"]["opset"] == 17
     assert doc["export"]["torch"] == torch.__version__ and "dynamo=False" in doc["export"]["exporter"]
     assert doc["preprocess"]["resize_filter"] == "bilinear_antialias"
@@ -191,6 +192,28 @@ def test_points_decoder_gate_skips_exactly_the_prompts_at_or_below_the_threshold
         assert np.abs(low_res[run] - expected_masks[run]).max(initial=0) <= TOLERANCE
         assert not low_res[~run].any(), "skipped prompts come back as zeros"
     assert np.abs(iou - expected_iou).max() <= TOLERANCE
+
+
+def test_points_decoder_image_side_cache_changes_no_bit(torch_model, torch_embeddings, points_decoder):
+    coords, labels, _, _ = _prompts(4, 2, False, False, seed=13)
+    feeds = _decoder_feeds(coords, labels, None, None)
+    embeddings = torch_embeddings.numpy()
+    cache = {}
+    computed = points_decoder.run(embeddings, feeds["point_coords"], feeds["point_labels"], cache=cache)
+    (key, image_side), = cache.items()
+    assert image_side.shape == (3, 8, 4096, 16) and not image_side.flags.writeable
+    assert key[1] == points_decoder.graph.sha256  # another graph file would not read it
+    # Read back from the cache on the next call: bit for bit the same outputs, still SAM's.
+    again = points_decoder.run(embeddings, feeds["point_coords"], feeds["point_labels"], cache=cache)
+    for a, b in zip(computed, again):
+        np.testing.assert_array_equal(a, b)
+    assert cache[key] is image_side
+    expected_masks, expected_iou = _sam_decoder(torch_model, torch_embeddings, coords, labels, None, None)
+    assert np.abs(again[0] - expected_masks).max() <= TOLERANCE and np.abs(again[1] - expected_iou).max() <= TOLERANCE
+    # A cache really replaces the computation: another image's side gives other masks.
+    other = {key: np.ascontiguousarray(image_side[:, :, ::-1])}
+    moved = points_decoder.run(embeddings, feeds["point_coords"], feeds["point_labels"], cache=other)
+    assert np.abs(moved[0] - computed[0]).max() > 1e-2
 
 
 class _RecordingDecoder(DecoderSession):

@@ -3,7 +3,7 @@
 import hashlib
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -17,12 +17,16 @@ class ImageEmbedding:
         original_size: (H, W) of the user's image.
         input_size: (h, w) after resizing the longest side to 1024, before padding.
         model_id: sha256 of the encoder that made `features`.
+        decoder_cache: per-image tensors the decoder derives from `features` once and reuses for
+            every later prompt on this image (the points decoder's image side, 6 MiB), filled on
+            the first prompt. Not part of equality.
     """
 
     features: np.ndarray
     original_size: tuple
     input_size: tuple
     model_id: str
+    decoder_cache: dict = field(default_factory=dict, compare=False, repr=False)
 
 
 def image_digest(image):

@@ -31,8 +31,9 @@ Shapes use ints for fixed axes and strings ("B", "N") for dynamic ones.
 `points_decoder` is optional: the same function as `decoder` for prompts without a mask input,
 computed with less work per prompt (the image side shared by the batch). Directories without it
 (older exports, INT8 directories whose decoder was quantized) run every prompt through `decoder`.
-Its extra scalar input `upscale_iou_threshold` lets everything mode skip the mask upscaler for
-prompts it would drop anyway (see POINTS_DECODER_GATE).
+Its extra inputs let everything mode skip the mask upscaler for prompts it would drop anyway and
+let every caller skip the per-image part of its first layer after the first call on an image
+(see POINTS_DECODER_INPUTS).
 """
 
 import hashlib
@@ -68,14 +69,21 @@ DECODER_OUTPUTS = (
     ("low_res_masks", ("B", 3, 256, 256)),
     ("iou_predictions", ("B", 3)),
 )
-# The points decoder: the decoder's contract without the mask input (has_mask_input = 0), plus a
-# scalar gate: a prompt's masks are computed only if one of its 3 predicted IoUs is above it (the
-# others come back as zeros; everything mode drops them by the same threshold). Exports made
-# before the gate existed have the first three inputs only; sessions accept both.
+# The points decoder: the decoder's contract without the mask input (has_mask_input = 0), plus
+# - a scalar gate: a prompt's masks are computed only if one of its 3 predicted IoUs is above it
+#   (the others come back as zeros; everything mode drops them by the same threshold);
+# - the per-image part of its first layer (`image_side`, the same for every prompt of an image):
+#   returned by every run, and passed back as `image_side_cache` on later runs for the same image
+#   it is not recomputed; an empty (0, 8, 4096, 16) cache means "compute it".
+# Exports made before these existed have the first three inputs and two outputs only (the
+# "basic" contract); sessions accept both.
 POINTS_DECODER_GATE = ("upscale_iou_threshold", ())
-POINTS_DECODER_INPUTS = DECODER_INPUTS[:3] + (POINTS_DECODER_GATE,)
-POINTS_DECODER_INPUTS_UNGATED = DECODER_INPUTS[:3]
-POINTS_DECODER_OUTPUTS = DECODER_OUTPUTS
+POINTS_DECODER_CACHE = ("image_side_cache", ("S", 8, 4096, 16))
+POINTS_DECODER_IMAGE_SIDE = ("image_side", (3, 8, 4096, 16))
+POINTS_DECODER_INPUTS = DECODER_INPUTS[:3] + (POINTS_DECODER_GATE, POINTS_DECODER_CACHE)
+POINTS_DECODER_OUTPUTS = DECODER_OUTPUTS + (POINTS_DECODER_IMAGE_SIDE,)
+POINTS_DECODER_BASIC_INPUTS = DECODER_INPUTS[:3]
+POINTS_DECODER_BASIC_OUTPUTS = DECODER_OUTPUTS
 
 
 def default_model_dir():

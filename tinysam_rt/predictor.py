@@ -174,7 +174,8 @@ class TinySAMPredictor:
         box_1024 = None if box is None else preprocess.boxes_to_input_frame(box, size, long_side)
         feed_coords, feed_labels = prompts.pack_prompt(coords_1024, labels, box_1024)
         feed_mask, has_mask = prompts.mask_feeds(mask, 1)
-        low_res, scores = self._decoder.run(embedding.features, feed_coords, feed_labels, feed_mask, has_mask)
+        low_res, scores = self._decoder.run(embedding.features, feed_coords, feed_labels, feed_mask, has_mask,
+                                            cache=embedding.decoder_cache)
         low_res, scores = low_res[0], scores[0]  # (3, 256, 256), (3,)
         if not multimask_output:
             best = int(np.argmax(scores))
@@ -211,7 +212,8 @@ class TinySAMPredictor:
             coords, labels, mask, has_mask = prompts.validate_batch(point_coords, point_labels, mask_input, long_side)
             batch = len(coords)
             if batch <= MAX_DECODER_BATCH:
-                return self._decoder.run(embedding.features, coords, labels, mask, has_mask, gate)
+                return self._decoder.run(embedding.features, coords, labels, mask, has_mask, gate,
+                                         embedding.decoder_cache)
             low_res = np.empty((batch, 3, prompts.LOW_RES, prompts.LOW_RES), np.float32)  # (B, 3, 256, 256)
         except MemoryError:
             batch = np.shape(point_coords)[0]
@@ -223,5 +225,5 @@ class TinySAMPredictor:
         for start in range(0, batch, MAX_DECODER_BATCH):
             part = slice(start, start + MAX_DECODER_BATCH)
             low_res[part], iou[part] = self._decoder.run(embedding.features, coords[part], labels[part],
-                                                         mask[part], has_mask[part], gate)
+                                                         mask[part], has_mask[part], gate, embedding.decoder_cache)
         return low_res, iou

@@ -96,7 +96,7 @@ class _GraphSession:
             self._session = ort.InferenceSession(str(graph.path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # ORT raises several pybind types for corrupt files
             raise ModelFileError(f"{graph.path}: ONNX Runtime cannot load the {self.role} graph: {exc}") from None
-        self.expected_inputs = self._contract_inputs(graph)
+        self.expected_inputs, self.expected_outputs = self._contract(graph)
         _check_io("inputs", graph.path, graph.inputs, self.expected_inputs, self._session.get_inputs())
         _check_io("outputs", graph.path, graph.outputs, self.expected_outputs, self._session.get_outputs())
         stamped = self._session.get_modelmeta().custom_metadata_map.get(manifest_mod.WEIGHTS_ID_METADATA_KEY)
@@ -109,9 +109,9 @@ class _GraphSession:
         self.output_names = [name for name, _ in self.expected_outputs]
         logger.debug("loaded %s %s (%s)", self.role, graph.path, graph.precision)
 
-    def _contract_inputs(self, graph):
-        """The input contract `graph` is held to (one per role, except the points decoder's two)."""
-        return self.expected_inputs
+    def _contract(self, graph):
+        """The (inputs, outputs) contract `graph` is held to (one per role, but the points decoder's two)."""
+        return self.expected_inputs, self.expected_outputs
 
     def _run(self, feeds):
         """Run with every feed as a C-contiguous float32 array (the contract's only dtype)."""
@@ -175,19 +175,22 @@ class PointsDecoderSession(_GraphSession):
     role = "points_decoder"
     expected_inputs = manifest_mod.POINTS_DECODER_INPUTS
     expected_outputs = manifest_mod.POINTS_DECODER_OUTPUTS
+    IMAGE_SIDE_KEY = "points_decoder.image_side"  # in a caller's per-image cache dict
 
-    def _contract_inputs(self, graph):
-        ungated = manifest_mod.POINTS_DECODER_INPUTS_UNGATED
-        if [spec.name for spec in graph.inputs] == [name for name, _ in ungated]:
-            return ungated  # exported before the upscaler gate: still a valid points decoder
-        return manifest_mod.POINTS_DECODER_INPUTS
+    def _contract(self, graph):
+        basic = manifest_mod.POINTS_DECODER_BASIC_INPUTS
+        if [spec.name for spec in graph.inputs] == [name for name, _ in basic]:
+            # exported before the gate and the image-side cache: still a valid points decoder
+            return basic, manifest_mod.POINTS_DECODER_BASIC_OUTPUTS
+        return manifest_mod.POINTS_DECODER_INPUTS, manifest_mod.POINTS_DECODER_OUTPUTS
 
     @property
     def gated(self):
-        """True when the graph can skip the mask upscaler below an IoU threshold."""
+        """True when the graph can skip the mask upscaler below an IoU threshold (and cache its
+        per-image part)."""
         return len(self.expected_inputs) == len(manifest_mod.POINTS_DECODER_INPUTS)
 
-    def run(self, image_embeddings, point_coords, point_labels, upscale_iou_threshold=None):
+    def run(self, image_embeddings, point_coords, point_labels, upscale_iou_threshold=None, cache=None):
         """
         Args:
             image_embeddings: (1, 256, 64, 64) float32.
@@ -196,17 +199,35 @@ class PointsDecoderSession(_GraphSession):
             upscale_iou_threshold: None computes every mask. A float t: masks are only computed for
                 prompts with some predicted IoU > t; the others' masks may come back as zeros
                 (always computed by a graph without the gate).
+            cache: None, or a dict kept with this image embedding (and only with it): the
+                per-image part of the first layer is stored there by the first call and read by
+                later ones instead of being recomputed (measured, one prompt: 17.9 ms per call
+                reading it, 23.3 ms computing it).
 
         Returns:
             low_res_masks (B, 3, 256, 256) float32 logits, iou_predictions (B, 3) float32.
         """
         feeds = {"image_embeddings": image_embeddings, "point_coords": point_coords, "point_labels": point_labels}
-        if self.gated:
-            # float32 like the IoUs: `iou > t` in numpy (and in SAM's torch) compares in float32 too.
-            gate = -np.inf if upscale_iou_threshold is None else upscale_iou_threshold
-            feeds[manifest_mod.POINTS_DECODER_GATE[0]] = np.float32(gate)
-        low_res_masks, iou_predictions = self._run(feeds)
+        if not self.gated:
+            low_res_masks, iou_predictions = self._run(feeds)
+            return low_res_masks, iou_predictions
+        # float32 like the IoUs: `iou > t` in numpy (and in SAM's torch) compares in float32 too.
+        gate = -np.inf if upscale_iou_threshold is None else upscale_iou_threshold
+        feeds[manifest_mod.POINTS_DECODER_GATE[0]] = np.float32(gate)
+        key = (self.IMAGE_SIDE_KEY, self.graph.sha256)  # another graph's image side is not this one's
+        cached = None if cache is None else cache.get(key)
+        feeds[manifest_mod.POINTS_DECODER_CACHE[0]] = self._empty_cache if cached is None else cached
+        low_res_masks, iou_predictions, image_side = self._run(feeds)
+        if cache is not None and cached is None:
+            image_side.flags.writeable = False
+            cache[key] = image_side
         return low_res_masks, iou_predictions
+
+    @property
+    def _empty_cache(self):
+        """A size-0 image_side_cache: "compute the image side in this call"."""
+        _, (_, *rest) = manifest_mod.POINTS_DECODER_CACHE
+        return np.zeros((0, *rest), np.float32)
 
 
 class PromptDecoder:
@@ -226,13 +247,14 @@ class PromptDecoder:
         self.points_decoder = points_decoder
 
     def run(self, image_embeddings, point_coords, point_labels, mask_input, has_mask_input,
-            upscale_iou_threshold=None):
+            upscale_iou_threshold=None, cache=None):
         """`DecoderSession.run`: (B, 3, 256, 256) logits and (B, 3) predicted IoU.
 
-        `upscale_iou_threshold` as in `PointsDecoderSession.run` (the plain decoder computes every mask).
+        `upscale_iou_threshold` and `cache` as in `PointsDecoderSession.run` (the plain decoder
+        computes every mask and has nothing to cache).
         """
         if self.points_decoder is not None and not np.any(has_mask_input):
-            return self.points_decoder.run(image_embeddings, point_coords, point_labels, upscale_iou_threshold)
+            return self.points_decoder.run(image_embeddings, point_coords, point_labels, upscale_iou_threshold, cache)
         return self.decoder.run(image_embeddings, point_coords, point_labels, mask_input, has_mask_input)
 
 
