@@ -8,7 +8,7 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 import onnxruntime as ort  # noqa: E402
 
-from tinysam_export.onnx_scan import gate_body, scan_over_batch  # noqa: E402
+from tinysam_export.onnx_scan import cached_or_computed, gate_body, scan_over_batch  # noqa: E402
 
 OPSET = [helper.make_opsetid("", 17)]
 
@@ -96,3 +96,49 @@ def test_gating_needs_static_output_shapes():
     body.graph.output[1].type.tensor_type.shape.dim[0].dim_param = "K"
     with pytest.raises(ValueError, match="'m' needs a static shape"):
         gate_body(body, ("score", (3,)), "threshold")
+
+
+def _side_model():
+    """x (B, 3), side (1, 3) -> y = x + side."""
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "side"], ["y"], name="add")],
+        "outer", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 3]),
+                  helper.make_tensor_value_info("side", TensorProto.FLOAT, [1, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", 3])])
+    return helper.make_model(graph, opset_imports=OPSET)
+
+
+def _side_compute():
+    """x (B, 3) -> side_out = 10 * max over the batch (1, 3). Its `y` is also the outer output's
+    name: the splice must keep them apart."""
+    graph = helper.make_graph(
+        [helper.make_node("ReduceMax", ["x"], ["y"], name="max", axes=[0], keepdims=1),
+         helper.make_node("Mul", ["y", "w"], ["side_out"], name="mul")],
+        "compute", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 3])],
+        [helper.make_tensor_value_info("side_out", TensorProto.FLOAT, [1, 3])],
+        [numpy_helper.from_array(np.array(10, np.float32), "w")])
+    return helper.make_model(graph, opset_imports=OPSET)
+
+
+def test_a_cached_input_is_used_when_given_and_computed_when_empty():
+    model = cached_or_computed(_side_model(), "side", "side_cache", _side_compute(), prefix="side/")
+    assert [v.name for v in model.graph.input] == ["x", "side_cache"]
+    assert [v.name for v in model.graph.output] == ["y", "side"]
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.array([[1, -2, 3], [4, 0, -6]], np.float32)
+    y, side = session.run(None, {"x": x, "side_cache": np.zeros((0, 3), np.float32)})
+    np.testing.assert_array_equal(side, [[40, 0, 30]])
+    np.testing.assert_array_equal(y, x + side)
+    given = np.array([[0.5, 0.25, -1]], np.float32)
+    y, side = session.run(None, {"x": x, "side_cache": given})
+    np.testing.assert_array_equal(side, given)
+    np.testing.assert_array_equal(y, x + given)
+
+
+def test_cached_input_misuse_is_named():
+    with pytest.raises(ValueError, match="'nope' is not a graph input"):
+        cached_or_computed(_side_model(), "nope", "side_cache", _side_compute(), prefix="side/")
+    compute = _side_compute()
+    compute.graph.input[0].name = "z"
+    with pytest.raises(ValueError, match="must be inputs of the outer model"):
+        cached_or_computed(_side_model(), "side", "side_cache", compute, prefix="side/")

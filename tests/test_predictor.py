@@ -59,6 +59,27 @@ def test_cache_skips_the_encoder_for_same_content(fp32_model_dir):
     assert counter.calls == 4
 
 
+def test_an_images_decoder_side_is_computed_once_and_kept_with_its_embedding(fp32_model_dir):
+    predictor = TinySAMPredictor(model_dir=fp32_model_dir, threads=2, cache_size=2)
+    image_a, image_b = synthetic_image(64, 80, seed=4), synthetic_image(64, 80, seed=5)
+    predictor.set_image(image_a)
+    assert predictor.embedding.decoder_cache == {}
+    first = predictor.predict([(30, 20)], [1])
+    (side,) = predictor.embedding.decoder_cache.values()
+    second = predictor.predict([(10, 50), (40, 40)], [1, 0])
+    again = predictor.predict([(30, 20)], [1])
+    for a, b in zip(first, again):
+        np.testing.assert_array_equal(a, b)  # read from the cache: the same bits
+    assert predictor.embedding.decoder_cache[next(iter(predictor.embedding.decoder_cache))] is side
+    predictor.set_image(image_b)
+    predictor.predict([(30, 20)], [1])
+    (other,) = predictor.embedding.decoder_cache.values()
+    assert not np.array_equal(other, side)  # each image its own
+    predictor.set_image(image_a)  # back from the embedding cache, with its decoder side
+    assert next(iter(predictor.embedding.decoder_cache.values())) is side
+    assert second[0].shape == (3, 64, 80)
+
+
 def test_cache_size_validation(fp32_model_dir):
     with pytest.raises(ValueError, match="cache_size"):
         EmbeddingCache(-1)
