@@ -350,7 +350,9 @@ class TinySAMAutomaticMaskGenerator:
         gate = cfg.pred_iou_thresh if cfg.pred_iou_thresh > 0.0 else None
         low_res, iou = self.predictor.predict_batch(feed_coords, feed_labels, embedding=embedding,
                                                     upscale_iou_threshold=gate)
-        skipped = int((iou.max(axis=1) <= gate).sum()) if gate is not None and self.predictor.skips_low_iou_upscaling else 0
+        skipped = 0
+        if gate is not None and self.predictor.skips_low_iou_upscaling:
+            skipped = int((iou.max(axis=1) <= gate).sum())
         counter.add(b, time.perf_counter() - started, b - skipped)
         n_masks = low_res.shape[1]
         low_res = low_res.reshape(b * n_masks, *low_res.shape[2:])  # (b*3, 256, 256)
