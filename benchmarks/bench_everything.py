@@ -394,6 +394,9 @@ def bench_profile(model_dir, threads, image, batch=64, runs=3):
     feeds = {"image_embeddings": embedding.features, "point_coords": coords, "point_labels": labels,
              "mask_input": np.zeros((batch, 1, 256, 256), np.float32), "has_mask_input": np.zeros(batch, np.float32),
              "upscale_iou_threshold": np.array(-np.inf, np.float32)}  # the points decoder's gate: every mask
+    if predictor.skips_low_iou_upscaling:  # its image side cached, as everything mode runs it
+        predictor.predict_batch(coords[:1], labels[:1], embedding=embedding)
+        (feeds["image_side_cache"],) = embedding.decoder_cache.values()
     out = {}
     for graph in (manifest.decoder, manifest.points_decoder):
         if graph is None:
@@ -698,8 +701,14 @@ def main(argv=None):
                            "points_per_batch": args.points_per_batch, "image": args.image.name,
                            "image_size": list(image.shape[:2])}}
     predictor = TinySAMPredictor(model_dir=args.model, threads=args.threads, cache_size=0)
+
+    def save():  # after every part: a late failure keeps what was measured
+        if args.json:
+            atomic_write_text(args.json, json.dumps(report, indent=2) + "\n")
+
     if "decoder" in parts:
         report["decoder"] = bench_decoder(predictor, image, args.runs)
+        save()
     if "modes" in parts:
         torch_model = None
         if not args.no_torch:
@@ -711,18 +720,25 @@ def main(argv=None):
             torch_model = build_tinysam(checkpoint=None, seed=_random_seed(predictor.manifest))
         report["modes"] = bench_modes(predictor, image, args.points_per_side, args.points_per_batch,
                                       args.mode_runs, torch_model, args.tinysam_repo)
+        save()
     if "skip" in parts:
         report["skip"] = bench_skip(predictor, image, args.points_per_side, args.points_per_batch)
+        save()
     if "gate" in parts and predictor.skips_low_iou_upscaling:
         report["gate"] = bench_gate(predictor, image, args.points_per_side, args.points_per_batch)
+        save()
     if "rss" in parts:
         report["rss"] = bench_rss(args.model, args.threads, not args.no_torch)
+        save()
     if "profile" in parts:
         report["profile"] = bench_profile(args.model, args.threads, image)
+        save()
     if "stability" in parts:
         report["stability"] = bench_stability(predictor, image)
+        save()
     if "agreement" in parts:
         report["agreement"] = bench_agreement(predictor, image)
+        save()
     report["load_average_end"] = sysinfo.load_average()
     if args.json:
         atomic_write_text(args.json, json.dumps(report, indent=2) + "\n")
