@@ -491,7 +491,8 @@ def findings(report):
             best = max(points, key=lambda r: r["prompts_per_s_p50"])
             same = next(r for r in plain if r["batch"] == best["batch"])
             one = next((r for r in points if r["batch"] == 1), None)
-            text += (f" The points decoder (layer 0's image side once per call, later image-side projections "
+            text += (f" The points decoder (layer 0's image side once per call, or once per image from its cache, "
+                     f"later image-side projections "
                      f"multiplied through the tokens, final attention for the 4 tokens read after it, GEMM upscaler "
                      f"one prompt at a time) reaches {best['prompts_per_s_p50']:.1f} prompts/s "
                      f"(p50; best run {best['prompts_per_s_best']:.1f}) at B={best['batch']}, "
