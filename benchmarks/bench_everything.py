@@ -231,11 +231,7 @@ class WithoutGate:
 def grid_best_iou(predictor, image, points_per_side, points_per_batch):
     """(P,) best of the 3 predicted IoUs of every standard-grid prompt (one decoder pass)."""
     embedding = predictor.embed(image)
-    height, width = image.shape[:2]
-    points = amg.build_point_grid(points_per_side) * np.array([width, height])
-    coords = preprocess.coords_to_input_frame(points, (height, width), predictor.manifest.preprocess.image_size)
-    feed = np.stack([coords, np.zeros_like(coords)], axis=1)  # (P, 2, 2) with SAM's padding point
-    labels = np.tile(np.array([[1.0, -1.0]], np.float32), (len(feed), 1))
+    feed, labels = _grid_prompts(image.shape[:2], points_per_side ** 2)  # the standard grid, in order
     best = [predictor.predict_batch(feed[i:i + points_per_batch], labels[i:i + points_per_batch],
                                     embedding=embedding)[1].max(axis=1)
             for i in range(0, len(feed), points_per_batch)]
