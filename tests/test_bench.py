@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from tinysam_rt import bench, bench_report
+from tinysam_rt import bench, bench_report, gemm_peak
 
 STAGE_FIELDS = {"runs", "p50_s", "p95_s", "min_s", "mean_s", "cpu_p50_s", "cpu_per_wall",
                 "runqueue_wait_p50_s", "runqueue_wait_max_s"}
@@ -155,6 +155,7 @@ def test_json_has_every_field(bench_report_json, fp32_model_dir):
     limits = report["machine_limits"]
     assert limits["numpy_float32"]["best_gflops"] > 0
     assert limits["ort_float32"]["1"]["best_gflops"] > 0 and limits["ort_u8s8"]["1"]["best_gflops"] > 0
+    assert limits["ort_u8s8_saturates"] is gemm_peak.u8s8_kernel_saturates()
     assert report["main_process_peak_rss_bytes"] > 0
     (model,) = report["models"]
     assert model["label"] == "vit_t (fp32)" and model["model_dir"] == str(fp32_model_dir)
@@ -252,9 +253,10 @@ def test_merge_limits_keeps_the_better_measurement():
     def limits(numpy, f32, u8):
         return {"numpy_float32": {"best_gflops": numpy, "n": 64},
                 "ort_float32": {"1": {"best_gflops": f32, "n": 64}},
-                "ort_u8s8": {"1": {"best_gflops": u8, "n": 64}}}
+                "ort_u8s8": {"1": {"best_gflops": u8, "n": 64}}, "ort_u8s8_saturates": False}
 
     merged = bench_run.merge_limits(limits(10.0, 50.0, 300.0), limits(20.0, 40.0, 310.0))
+    assert merged["ort_u8s8_saturates"] is False
     assert merged["numpy_float32"]["best_gflops"] == 20.0
     assert merged["ort_float32"]["1"]["best_gflops"] == 50.0
     assert merged["ort_float32"]["1"]["best_gflops_samples"] == [50.0, 40.0]

@@ -19,7 +19,8 @@ def test_float_matmul_graph_computes_a_at_b():
 def test_u8s8_matmul_integer_graph_is_exact():
     rng = np.random.default_rng(1)
     a = rng.integers(0, 256, (4, 4), dtype=np.uint8)
-    b = rng.integers(-128, 128, (4, 6), dtype=np.int8)
+    # 7-bit weights: exact on every kernel, AVX2's saturating pair sums included (see below)
+    b = rng.integers(-64, 64, (4, 6), dtype=np.int8)
     session = ort.InferenceSession(gemm_peak.matmul_model_bytes(b, "u8s8"), providers=["CPUExecutionProvider"])
     (y,) = session.run(None, {"A": a})
     assert y.dtype == np.int32
@@ -44,3 +45,17 @@ def test_peak_results_have_rates():
 def test_unknown_kind_is_rejected():
     with pytest.raises(ValueError, match=r"kind must be one of \['float32', 'u8s8'\], got 'fp16'"):
         gemm_peak.ort_matmul_peak(1, "fp16", 64)
+
+
+def test_saturation_probe_matches_what_the_kernel_computes():
+    # Which answer is right depends on the CPU (AVX2-only: saturates; VNNI/AMX/ARM: exact); the
+    # probe must agree with a full-range product computed through the same graph.
+    a = np.full((64, 64), 255, np.uint8)
+    b = np.full((64, 16), -128, np.int8)
+    session = ort.InferenceSession(gemm_peak.matmul_model_bytes(b, "u8s8"), providers=["CPUExecutionProvider"])
+    (y,) = session.run(None, {"A": a})
+    exact = a.astype(np.int32) @ b.astype(np.int32)
+    saturates = gemm_peak.u8s8_kernel_saturates()
+    assert saturates is (not np.array_equal(y, exact))
+    if saturates:
+        np.testing.assert_array_equal(y, np.full_like(y, 32 * -32768))  # every pair clipped to int16 min

@@ -93,6 +93,10 @@ def _header_lines(report):
         lines.append(f"machine limit (best {limits['numpy_float32']['n']}^3 GEMM): numpy float32 "
                      f"{limits['numpy_float32']['best_gflops']:.0f} GFLOP/s; ORT MatMul float32 {ort32} "
                      f"GFLOP/s; ORT MatMulInteger u8s8 {ort8} GOP/s")
+        if "ort_u8s8_saturates" in limits:  # reports from before the probe lack it
+            lines.append("ORT u8s8 kernel: " + (
+                "16-bit pair sums saturate (AVX2-class, no VNNI): INT8 models need 7-bit weights (reduce_range)"
+                if limits["ort_u8s8_saturates"] else "exact (no 16-bit saturation: 8-bit weights are safe)"))
     return lines
 
 

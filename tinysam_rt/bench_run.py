@@ -162,11 +162,13 @@ def count_model_flops(manifest, batch):
 
 
 def machine_limits(threads_list, gemm_n):
-    """Measured GEMM peaks: numpy float32 once, ORT float32 and u8s8 per thread count."""
+    """Measured GEMM peaks: numpy float32 once, ORT float32 and u8s8 per thread count; and
+    whether ORT's u8s8 kernel here saturates 16-bit pair sums (the AVX2-class kernel)."""
     return {
         "numpy_float32": gemm_peak.numpy_sgemm_peak(gemm_n),
         "ort_float32": {str(t): gemm_peak.ort_matmul_peak(t, "float32", gemm_n) for t in threads_list},
         "ort_u8s8": {str(t): gemm_peak.ort_matmul_peak(t, "u8s8", gemm_n) for t in threads_list},
+        "ort_u8s8_saturates": gemm_peak.u8s8_kernel_saturates(),
     }
 
 
@@ -185,7 +187,8 @@ def merge_limits(first, second):
 
     return {"numpy_float32": better(first["numpy_float32"], second["numpy_float32"]),
             **{kind: {t: better(first[kind][t], second[kind][t]) for t in first[kind]}
-               for kind in ("ort_float32", "ort_u8s8")}}
+               for kind in ("ort_float32", "ort_u8s8")},
+            "ort_u8s8_saturates": first["ort_u8s8_saturates"]}
 
 
 def measure_threads(manifest, image, threads, runs, warmup, batch, budget_s=None):

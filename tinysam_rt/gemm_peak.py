@@ -5,6 +5,8 @@ trustworthy datasheet, so we measure the best a large square GEMM reaches here i
 - numpy float32 (its BLAS, with the BLAS's own thread count), and
 - ONNX Runtime's own MatMul (float32) and MatMulInteger (uint8 x int8, the kernel INT8 models
   use), with the same session options and thread count as the model sessions.
+It also tells which kind of uint8 x int8 kernel ORT picked here (`u8s8_kernel_saturates`): that
+decides whether 8-bit weights are safe on this CPU.
 
 ORT needs a model file to run a MatMul and `onnx` is not a runtime dependency, so the one-node
 graph is serialised here by hand (a few protobuf fields of onnx.proto).
@@ -127,3 +129,38 @@ def ort_matmul_peak(threads, kind="float32", n=1024, min_time_s=0.3, min_reps=3,
                                    providers=["CPUExecutionProvider"])
     times = _time_reps(lambda: session.run(None, {"A": a}), min_time_s, min_reps, max_reps)
     return _result(n, times, threads=threads, kind=kind)
+
+
+def u8s8_kernel_saturates(threads=1, k=64):
+    """Whether ORT's uint8 x int8 GEMM kernel on this CPU saturates 16-bit pair sums.
+
+    MLAS picks the kernel from CPUID. With VNNI or AMX (x86) and on ARM it accumulates the
+    products in 32 bits; on AVX2-only CPUs (and AVX-512 without VNNI) it adds each pair of
+    products into an int16 with saturation first (VPMADDUBSW), so 2 x 255 x |w| > 32767 is
+    clipped. Models with 7-bit weights (`reduce_range`, what `tinysam quantize` writes) never
+    reach that; 8-bit weights do. A row of 255s times a column of 127s tells the two apart:
+    exact (k x 32385) or clipped (k/2 x 32767).
+
+    Args:
+        threads: intra-op threads, passed to the runtime's one SessionOptions factory.
+        k: inner dimension (even); (k, k) uint8 A times (k, 16) int8 B.
+
+    Returns:
+        bool: True if the product came out clipped, False if exact.
+    """
+    import onnxruntime as ort  # deferred: `tinysam-bench --help` must not import ORT
+
+    from tinysam_rt.sessions import make_session_options
+
+    a = np.full((k, k), 255, np.uint8)
+    b = np.full((k, 16), 127, np.int8)
+    session = ort.InferenceSession(matmul_model_bytes(b, "u8s8"), make_session_options(threads),
+                                   providers=["CPUExecutionProvider"])
+    (y,) = session.run(None, {"A": a})  # (k, 16) int32
+    exact = k * 255 * 127
+    if np.all(y == exact):
+        return False
+    if np.all(y == k // 2 * 32767):
+        return True
+    raise RuntimeError(f"MatMulInteger gave {np.unique(y)[:4]} for {k} x 255 x 127: neither exact ({exact}) "
+                       f"nor pair-saturated ({k // 2 * 32767})")
