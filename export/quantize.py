@@ -63,6 +63,7 @@ OP_TYPES = {"encoder": ("Gemm", "MatMul", "Conv"), "decoder": ("Gemm", "MatMul")
 # compute in float with compactly stored weights (`store_weights_compact`).
 OP_TYPE_LADDER = {"encoder": (("Gemm", "MatMul"), ("Gemm", "Conv"), ("Gemm",)), "decoder": (("Gemm",),)}
 FLOAT_OUTPUT_OPS = ("Gemm", "MatMul")  # -> QGemm / MatMulIntegerToFloat with float outputs
+LINEAR_MODES = ("auto", "static", "dynamic")
 INT8_FILES = {"encoder": "encoder.int8.onnx", "decoder": "decoder.int8.onnx"}
 REPORT_FILES = ("quantization_report.json", "quantization_report.md")
 
@@ -94,6 +95,11 @@ class QuantizeConfig:
     max_excluded: int = 32  # most nodes per graph the sensitivity search may keep in float
     calibration_share: float = 0.8  # share of the gate's error budgets the calibration set may use
     reduce_range: bool = True  # 7-bit weights: no u8s8 saturation on AVX2-only CPUs
+    # Gemm (linear) layers: "static" (QGemm: activation ranges from calibration), "dynamic"
+    # (DynamicQuantizeMatMul: each call quantizes its own input) or "auto": dynamic when its
+    # calibration-set error is within budget or no worse than static's. Dynamic ran faster on
+    # both the VNNI and the AVX2 kernels (benchmarks/RESULTS.md, "AVX2 code path").
+    linear: str = "auto"
     seed: int = 0  # prompt sampling and synthetic images
     sampling: calibration.PromptSampling = field(default_factory=calibration.PromptSampling)
     threads: int = None  # ORT intra-op threads for calibration and evaluation
@@ -103,6 +109,8 @@ def check_config(config):
     """Raise ValueError naming the first bad field of a QuantizeConfig."""
     if config.method != "auto" and config.method not in METHODS:
         raise ValueError(f"method must be 'auto' or one of {sorted(METHODS)}, got {config.method!r}")
+    if config.linear not in LINEAR_MODES:
+        raise ValueError(f"linear must be one of {list(LINEAR_MODES)}, got {config.linear!r}")
     if config.only not in ("encoder", "decoder", "both"):
         raise ValueError(f"only must be 'encoder', 'decoder' or 'both', got {config.only!r}")
     for name in ("min_images", "holdout", "synthetic", "max_excluded"):
@@ -286,6 +294,79 @@ def store_weights_compact(path, nodes, out):
     return converted
 
 
+def dynamic_linear(quantized, prepared, op_types, out, reduce_range=True):
+    """A copy of a QDQ graph whose Gemm layers quantize their input per call instead.
+
+    Every Gemm (quantized or kept float by the search) becomes a DynamicQuantizeMatMul (ORT's
+    contrib op: uint8 input quantized from its own min/max at run time, int8 weights symmetric
+    per output column, float bias and output). The Q/DQ pairs only Gemms read are dropped; the
+    other `op_types` nodes keep their static Q/DQ. Weights are 7-bit with `reduce_range`: per
+    column, 8-bit weights saturate the AVX2 kernel's 16-bit pair sums (embedding cosine 0.9990 ->
+    0.9885 measured on the AVX2 code path; benchmarks/RESULTS.md).
+
+    Args:
+        quantized: Path of a graph from `quantize_graph`. prepared: Path it was made from.
+        op_types: the op types quantized statically in `quantized`. out: Path to write.
+
+    Returns:
+        (out, number of Gemms converted).
+    """
+    float_model = onnx.load(str(prepared))
+    qdq = onnx.load(str(quantized))
+    # Every non-Gemm node of the static op types is "kept": quantized ones keep their Q/DQ, kept-
+    # float ones their compact weights. Op types not quantized at all are not touched either.
+    keep = {n.name for n in qdq.graph.node if n.op_type in op_types and n.op_type != "Gemm"}
+    quantized_only(qdq, float_model, keep, tuple(set(op_types) | {"Gemm"}), out)
+    model = onnx.load(str(out))
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    producers = {o: n for n in graph.node for o in n.output}
+    # Weights and bias from the float graph where it has them: a QDQ bias is int32 at the static
+    # input scale, and a kept-float node's weights are int8 per output row already.
+    float_inits = {i.name: i for i in float_model.graph.initializer}
+    float_inputs = {n.name: list(n.input) for n in float_model.graph.node}
+
+    def constant(node, k):
+        source = float_inputs.get(node.name, [])
+        if len(source) > k and source[k] in float_inits:
+            return onnx.numpy_helper.to_array(float_inits[source[k]])
+        return _constant_weight(node.input[k], inits, producers)
+
+    qmax = 63 if reduce_range else 127
+    nodes, converted = [], 0
+    for node in graph.node:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        weight = constant(node, 1) if node.op_type == "Gemm" else None
+        has_bias = len(node.input) > 2 and bool(node.input[2])
+        bias = constant(node, 2) if weight is not None and has_bias else None
+        if (weight is None or weight.ndim != 2 or (has_bias and (bias is None or bias.ndim != 1))
+                or attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0):
+            nodes.append(node)
+            continue
+        weight = weight.T if attrs.get("transB", 0) else weight  # (K, N)
+        scale = (np.abs(weight).max(axis=0) / qmax).astype(np.float32)  # (N,)
+        scale[scale == 0] = 1.0
+        q = np.clip(np.round(weight / scale), -qmax, qmax).astype(np.int8)  # (K, N)
+        name = node.name
+        graph.initializer.extend([onnx.numpy_helper.from_array(q, f"{name}_dq_weight"),
+                                  onnx.numpy_helper.from_array(scale, f"{name}_dq_scale"),
+                                  onnx.numpy_helper.from_array(np.zeros(scale.shape, np.int8), f"{name}_dq_zero")])
+        if has_bias:  # (N,) float
+            graph.initializer.append(onnx.numpy_helper.from_array(bias.astype(np.float32), f"{name}_dq_bias"))
+        nodes.append(onnx.helper.make_node(
+            "DynamicQuantizeMatMul",
+            [node.input[0], f"{name}_dq_weight", f"{name}_dq_scale", f"{name}_dq_zero"] + ([f"{name}_dq_bias"] if has_bias else []),
+            list(node.output), name=name, domain="com.microsoft"))
+        converted += 1
+    del graph.node[:]
+    graph.node.extend(nodes)
+    _drop_unused(graph)  # the replaced weights and their DequantizeLinear nodes
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    onnx.save(model, str(out))
+    return out, converted
+
+
 def quantized_only(quantized, prepared, keep, op_types, out):
     """A copy of a QDQ graph in which only the `keep` nodes still read quantized inputs.
 
@@ -339,9 +420,16 @@ def quantized_only(quantized, prepared, keep, op_types, out):
             dq.ClearField("input")
             dq.ClearField("attribute")
             dq.input.append(q.input[0])
+    _drop_unused(graph)
+    onnx.save(model, str(out))
+    return out
+
+
+def _drop_unused(graph):
+    """Remove nodes whose outputs nobody reads (repeatedly), then unread initializers."""
     needed = {o.name for o in graph.output}
     nodes = list(graph.node)
-    while True:  # drop nodes whose outputs nobody reads, until none is left
+    while True:
         used = needed | {name for n in nodes for name in n.input}
         alive = [n for n in nodes if any(o in used for o in n.output)]
         if len(alive) == len(nodes):
@@ -353,8 +441,26 @@ def quantized_only(quantized, prepared, keep, op_types, out):
     graph.node.extend(nodes)
     del graph.initializer[:]
     graph.initializer.extend(inits)
-    onnx.save(model, str(out))
-    return out
+
+
+def _constant_weight(name, inits, producers):
+    """A weight as float: an initializer, or an int8 initializer through DequantizeLinear
+    (`store_weights_compact`'s storage); None for anything else."""
+    if name in inits:
+        return onnx.numpy_helper.to_array(inits[name])
+    dq = producers.get(name)
+    if dq is None or dq.op_type != "DequantizeLinear" or not all(i in inits for i in dq.input):
+        return None
+    q, scale = (onnx.numpy_helper.to_array(inits[i]).astype(np.float32) for i in dq.input[:2])
+    axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
+    shape = [1] * q.ndim
+    shape[axis] = -1
+    return q * scale.reshape(shape) if scale.ndim else q * scale
+
+
+def graph_nodes_types(path):
+    """The set of op types in an ONNX file."""
+    return {node.op_type for node in onnx.load(str(path), load_external_data=False).graph.node}
 
 
 def graph_nodes(path, op_types):
@@ -466,10 +572,18 @@ def exclusion_count(errors, start, used):
     return count
 
 
+def precision_name(linear, op_types):
+    """The manifest's precision of a graph: static QDQ, dynamic only, or both (hybrid)."""
+    if linear == "static":
+        return PRECISION
+    return "int8-hybrid" if set(op_types) - {"Gemm"} else "int8-dynamic"
+
+
 def search_graph(role, prepared, reader, scorer, config, work, progress):
     """Pick the calibration method by measurement, then keep the most sensitive nodes in float
     (weights still int8) until the calibration-set budget use is <= 1, and if that is not enough,
-    quantize fewer op types (OP_TYPE_LADDER).
+    quantize fewer op types (OP_TYPE_LADDER); then try the Gemms quantized per call
+    (`dynamic_linear`) as `config.linear` says.
 
     Returns:
         (path of the chosen INT8 graph, recipe dict for the manifest).
@@ -514,12 +628,26 @@ def search_graph(role, prepared, reader, scorer, config, work, progress):
             path, budget, op_types = trial, used_here, smaller
         if budget <= 1:
             break
+    linear, by_linear = "static", {"static": round(budget, 4)}
+    if config.linear != "static" and "Gemm" in graph_nodes_types(path):
+        trial, converted = dynamic_linear(path, prepared, op_types, work / f"{role}.dynamic-linear.onnx",
+                                          config.reduce_range)
+        used_here = scorer.budget(trial)
+        by_linear["dynamic"] = round(used_here, 4)
+        progress(f"{role}: {converted} Gemm(s) quantized per call (DynamicQuantizeMatMul) -> {used_here:.0%} of the budget")
+        if config.linear == "dynamic" or used_here <= max(1.0, budget):
+            path, budget, linear = trial, used_here, "dynamic"
     recipe = {
         "method": method,
+        "linear": linear,
+        "budget_used_by_linear": by_linear,
         "budget_used_by_method": {m: round(u, 4) for m, u in used.items()},
         "budget_used": round(budget, 4),
         "budgets": {k: round(v, 6) for k, v in scorer.budgets.items()},
+        "precision": precision_name(linear, op_types),
         "op_types": list(op_types),
+        "static_op_types": [t for t in op_types if linear == "static" or t != "Gemm"],
+        "dynamic_op_types": ["Gemm"] if linear == "dynamic" else [],
         "budget_used_by_op_types": by_op_types,
         "float_compute_op_types": sorted(set(OP_TYPES[role]) - set(op_types)),
         "float_output_op_types": list(FLOAT_OUTPUT_OPS),
@@ -529,7 +657,9 @@ def search_graph(role, prepared, reader, scorer, config, work, progress):
         "reduce_range": config.reduce_range,
         "excluded_nodes": excluded,
         "excluded_nodes_storage": ("float compute; Gemm/MatMul weights int8 (per-channel, symmetric) + "
-                                   "DequantizeLinear, Conv weights float16 + Cast"),
+                                   "DequantizeLinear, Conv weights float16 + Cast"
+                                   + ("; with dynamic linear layers, excluded Gemms are DynamicQuantizeMatMul too"
+                                      if linear == "dynamic" else "")),
         "sensitivity_top": {n: round(errors[n], 7) for n in sorted(errors, key=errors.get, reverse=True)[:16]},
         "preparation": "ORT extended-level fusions (lookup tables kept unfolded), quant_pre_process shape inference",
     }
@@ -631,7 +761,7 @@ def quantize_model(model_dir, calib, out_dir, config=QuantizeConfig(), progress=
             reader = calibration.FeedReader(len(feeds), feeds.__getitem__)
             scorer = _Scorer(role, manifest, calib_set, _budgets(role, config, roles), config.threads)
             path, recipes[role] = search_graph(role, prepared, reader, scorer, config, work, progress)
-            graphs[role] = (shutil.copyfile(path, staging / INT8_FILES[role]), PRECISION)
+            graphs[role] = (shutil.copyfile(path, staging / INT8_FILES[role]), recipes[role]["precision"])
             stamp_weights_id(graphs[role][0], manifest.weights_id)
             progress(f"{role}: building the quantize_dynamic baseline")
             dynamic[role] = quantize_dynamic_baseline(spec.path, work / f"{role}.dynamic.onnx", work)

@@ -25,7 +25,7 @@ from tinysam_rt.predictor import TinySAMPredictor
 
 SMALL = calibration.PromptSampling(points=2, multi_points=1, boxes=1, point_boxes=1, grid_per_side=2, refinements=1, batch=4)
 FAST = quantize.QuantizeConfig(method="minmax", only="both", min_images=1, holdout=1, synthetic=0, gate=False,
-                               max_excluded=0, sampling=SMALL)
+                               max_excluded=0, linear="static", sampling=SMALL)
 
 
 # -- pure helpers -----------------------------------------------------------------------------------
@@ -308,7 +308,7 @@ def test_search_keeps_the_sensitive_node_in_float(tmp_path):
     prepared = quantize.prepare_graph(src, tmp_path / "chain.prepared.onnx")
     reader = calibration.FeedReader(len(feeds), feeds.__getitem__)
     scorer = _RelativeError(src, feeds, budget=0.01)
-    config = quantize.QuantizeConfig(method="minmax")
+    config = quantize.QuantizeConfig(method="minmax", linear="static")
     messages = []
     path, recipe = quantize.search_graph("decoder", prepared, reader, scorer, config, tmp_path, messages.append)
     assert recipe["budget_used_by_method"]["minmax"] > 1  # all-INT8 misses the budget
@@ -328,7 +328,7 @@ def test_search_quantizes_fewer_op_types_when_single_nodes_are_not_enough(tmp_pa
     prepared = quantize.prepare_graph(src, tmp_path / "chain.prepared.onnx")
     reader = calibration.FeedReader(len(feeds), feeds.__getitem__)
     scorer = _RelativeError(src, feeds, budget=0.01)
-    config = quantize.QuantizeConfig(method="minmax", max_excluded=0)
+    config = quantize.QuantizeConfig(method="minmax", max_excluded=0, linear="static")
     messages = []
     path, recipe = quantize.search_graph("decoder", prepared, reader, scorer, config, tmp_path, messages.append)
     assert recipe["op_types"] == ["Gemm"] and recipe["float_compute_op_types"] == ["MatMul"]
@@ -339,7 +339,73 @@ def test_search_quantizes_fewer_op_types_when_single_nodes_are_not_enough(tmp_pa
     assert any("only Gemm quantized" in m for m in messages)
 
 
+def _ops(path):
+    return {n.name: n for n in onnx.load(str(path)).graph.node}
+
+
+def test_dynamic_linear_quantizes_gemms_per_call_and_keeps_static_matmuls(tmp_path):
+    src, feeds = _chain(tmp_path)
+    prepared = quantize.prepare_graph(src, tmp_path / "chain.prepared.onnx")
+    reader = calibration.FeedReader(len(feeds), feeds.__getitem__)
+    ops = ("MatMul", "Gemm")
+    qdq = quantize.quantize_qdq(prepared, tmp_path / "q.onnx", reader, "minmax", ops, (), tmp_path / "r.json")
+    out, converted = quantize.dynamic_linear(qdq, prepared, ops, tmp_path / "dyn.onnx")
+    nodes = _ops(out)
+    assert converted == 1 and nodes["mm2"].op_type == "DynamicQuantizeMatMul" and nodes["mm2"].domain == "com.microsoft"
+    assert nodes["mm2"].input[0] == "h1"  # reads the float activation: the per-call quantization is its own
+    assert all(name.endswith("DequantizeLinear_Output") for name in nodes["mm1"].input)  # still static
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(str(out)).graph.initializer}
+    weight = inits["mm2_dq_weight"]
+    assert weight.dtype == np.int8 and weight.shape == (32, 32) and np.abs(weight).max() == 63  # 7-bit, (K, N)
+    np.testing.assert_array_equal(inits["mm2_dq_bias"], onnx.numpy_helper.to_array(
+        next(i for i in onnx.load(str(src)).graph.initializer if i.name == "b2")))  # the float bias again
+    # mm0's spike still ruins the static rows: compare only mm2's own step, from the same h1.
+    only_mm2 = quantize.dynamic_linear(prepared, prepared, (), tmp_path / "dyn-only.onnx")[0]
+    y, want = _run(only_mm2, feeds[1]), _run(src, feeds[1])
+    assert 0 < np.abs(y - want).max() < 0.02 * np.abs(want).max()
+
+
+def test_dynamic_linear_converts_gemms_kept_float_with_compact_weights(tmp_path):
+    src, feeds = _chain(tmp_path)
+    prepared = quantize.prepare_graph(src, tmp_path / "chain.prepared.onnx")
+    compact = tmp_path / "compact.onnx"
+    quantize.store_weights_compact(prepared, ["mm2"], compact)
+    assert _ops(compact)["w2_w8_DequantizeLinear"].op_type == "DequantizeLinear"
+    out, converted = quantize.dynamic_linear(compact, prepared, (), tmp_path / "dyn.onnx", reduce_range=False)
+    nodes = _ops(out)
+    assert converted == 1 and nodes["mm2"].op_type == "DynamicQuantizeMatMul"
+    assert "w2_w8_DequantizeLinear" not in nodes  # weights quantized again from the float graph's
+    weight = next(onnx.numpy_helper.to_array(i) for i in onnx.load(str(out)).graph.initializer
+                  if i.name == "mm2_dq_weight")
+    assert np.abs(weight).max() == 127  # 8-bit when asked
+    np.testing.assert_allclose(_run(out, feeds[0]), _run(src, feeds[0]), rtol=0, atol=0.05)
+
+
+@pytest.mark.parametrize("linear, want", [("static", "static"), ("dynamic", "dynamic"), ("auto", "dynamic")])
+def test_search_tries_gemms_quantized_per_call(tmp_path, linear, want):
+    """The chain's Gemm reads no spike, so per-call quantization stays within budget and "auto"
+    takes it; MatMuls stay static QDQ: the graph is a hybrid, and says so."""
+    src, feeds = _chain(tmp_path)
+    prepared = quantize.prepare_graph(src, tmp_path / "chain.prepared.onnx")
+    reader = calibration.FeedReader(len(feeds), feeds.__getitem__)
+    scorer = _RelativeError(src, feeds, budget=0.01)
+    config = quantize.QuantizeConfig(method="minmax", linear=linear)
+    path, recipe = quantize.search_graph("decoder", prepared, reader, scorer, config, tmp_path, lambda m: None)
+    assert recipe["linear"] == want
+    assert set(recipe["budget_used_by_linear"]) == ({"static"} if linear == "static" else {"static", "dynamic"})
+    ops = _ops(path)
+    if want == "dynamic":
+        assert recipe["precision"] == "int8-hybrid" and recipe["dynamic_op_types"] == ["Gemm"]
+        assert recipe["static_op_types"] == ["MatMul"] and ops["mm2"].op_type == "DynamicQuantizeMatMul"
+        assert recipe["budget_used"] == recipe["budget_used_by_linear"]["dynamic"] <= 1
+    else:
+        assert recipe["precision"] == "int8-static-qdq" and recipe["dynamic_op_types"] == []
+        assert ops["mm2"].op_type == "Gemm"
+
+
 def test_check_config_names_the_field():
+    with pytest.raises(ValueError, match=r"linear must be one of \['auto', 'static', 'dynamic'\], got 'mixed'"):
+        quantize.check_config(quantize.QuantizeConfig(linear="mixed"))
     with pytest.raises(ValueError, match="method must be"):
         quantize.check_config(quantize.QuantizeConfig(method="kl"))
     with pytest.raises(ValueError, match="min_images must be an int >= 1"):
@@ -545,7 +611,7 @@ def test_cli_only_decoder_keeps_the_fp32_encoder(fp32_model_dir, calib_dir, tmp_
     out = tmp_path / "mixed"
     code = cli.main(["quantize", "--model", str(fp32_model_dir), "--calib", str(calib_dir / "*.png"), "--out", str(out),
                      "--method", "minmax", "--min-images", "1", "--holdout", "1", "--synthetic", "0",
-                     "--max-excluded", "0", "--no-gate", "--only", "decoder", "--report"])
+                     "--max-excluded", "0", "--no-gate", "--only", "decoder", "--linear", "static", "--report"])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "| vs FP32 |" in captured.out and f"wrote {out}/" in captured.out
@@ -561,10 +627,15 @@ def test_cli_only_encoder_keeps_the_fp32_decoders(fp32_model_dir, calib_dir, tmp
     out = tmp_path / "mixed"
     code = cli.main(["quantize", "--model", str(fp32_model_dir), "--calib", str(calib_dir / "*.png"), "--out", str(out),
                      "--method", "minmax", "--min-images", "1", "--holdout", "1", "--synthetic", "0",
-                     "--max-excluded", "0", "--no-gate", "--only", "encoder"])
+                     "--max-excluded", "0", "--no-gate", "--only", "encoder", "--linear", "dynamic"])
     assert code == 0, capsys.readouterr().err
     manifest, fp32 = load_manifest(out), load_manifest(fp32_model_dir)
-    assert manifest.encoder.precision == "int8-static-qdq"
+    recipe = manifest.quantization["graphs"]["encoder"]
+    assert recipe["linear"] == "dynamic" and recipe["dynamic_op_types"] == ["Gemm"]
+    # Named for what it runs: static Q/DQ left for Conv/MatMul -> hybrid, none -> dynamic.
+    assert manifest.encoder.precision == ("int8-hybrid" if recipe["static_op_types"] else "int8-dynamic")
+    kernels = {n.op_type for n in onnx.load(str(manifest.encoder.path)).graph.node}
+    assert "DynamicQuantizeMatMul" in kernels and "Gemm" not in kernels
     assert [(g.precision, g.sha256) for g in manifest.graphs[1:]] == [(g.precision, g.sha256) for g in fp32.graphs[1:]]
     assert manifest.points_decoder is not None
     assert manifest.quantization["points_decoder"] == "copied (decoder not quantized)"

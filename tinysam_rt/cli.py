@@ -299,7 +299,8 @@ def _cmd_quantize(args):
         onnxruntime.set_default_logger_severity(3)
     config = QuantizeConfig(method=args.method, only=args.only, min_images=args.min_images, holdout=args.holdout,
                             synthetic=args.synthetic, gate=not args.no_gate, max_excluded=args.max_excluded,
-                            reduce_range=not args.no_reduce_range, seed=args.seed, threads=args.threads,
+                            reduce_range=not args.no_reduce_range, linear=args.linear, seed=args.seed,
+                            threads=args.threads,
                             sampling=PromptSampling())
     try:
         check_config(config)
@@ -346,6 +347,9 @@ def _add_quantize(subparsers):
                         help="most nodes per graph the sensitivity search may keep in float (0: none)")
     parser.add_argument("--no-reduce-range", action="store_true",
                         help="8-bit instead of 7-bit weights (only safe on CPUs with VNNI)")
+    parser.add_argument("--linear", choices=("auto", "static", "dynamic"), default="auto",
+                        help="linear (Gemm) layers: static QGemm, dynamic DynamicQuantizeMatMul (input quantized "
+                             "per call), or auto: dynamic when it is within the error budget or no worse")
     parser.add_argument("--seed", type=int, default=0, help="seed of prompt sampling and synthetic images")
     parser.add_argument("--report", action="store_true", help="print the fidelity and size tables (markdown)")
     parser.add_argument("--threads", type=positive_int, default=None,
