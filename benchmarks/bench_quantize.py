@@ -36,7 +36,7 @@ from tinysam_rt.sessions import make_session_options
 KERNELS = ("QGemm", "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "QLinearMatMul", "QLinearConv",
            "ConvInteger", "MatMulInteger", "QLinearAdd", "QLinearMul", "QLinearSoftmax",
            "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "Gemm", "MatMul", "FusedMatMul",
-           "Conv", "Gelu", "LayerNormalization", "Erf")
+           "MatMulNBits", "Conv", "Gelu", "LayerNormalization", "Erf")
 
 
 def build_variants(model_dir, calib_paths, work, int8_dir):
@@ -79,10 +79,16 @@ def build_variants(model_dir, calib_paths, work, int8_dir):
         quantize.quantize_qdq(prepared, work / f"{name}.onnx", reader, "minmax", ops, (), cache, reduce_range,
                               extra_options=extra)
         v[name] = (work / f"{name}.onnx", what)
+    for name, reduce_range, what in (
+            ("dynamic_linear", True, "recipe prep, every Gemm DynamicQuantizeMatMul, 7-bit per-column weights"),
+            ("dynamic_linear_8bit", False, "same, 8-bit per-column weights")):
+        quantize.dynamic_linear(prepared, prepared, (), work / f"{name}.onnx", reduce_range)
+        v[name] = (work / f"{name}.onnx", what)
     if int8_dir is not None:
         int8 = load_manifest(int8_dir)
         recipe = int8.quantization["graphs"].get("encoder", {})
-        v["shipped"] = (int8.encoder.path, f"`tinysam quantize` output: {recipe.get('method')}, "
+        v["shipped"] = (int8.encoder.path, f"`tinysam quantize` output ({int8.encoder.precision}): "
+                                            f"{recipe.get('method')}, linear {recipe.get('linear', 'static')}, "
                                             f"{len(recipe.get('excluded_nodes', []))} node(s) kept float")
     return v
 

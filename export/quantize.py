@@ -18,7 +18,12 @@ Recipe (every choice measured; numbers and the commands in benchmarks/RESULTS.md
    (embedding cosine; selected-mask IoU of each graph with the other in FP32), every node's
    sensitivity is measured alone and the most sensitive nodes are kept in float - their
    weights still stored int8 + DequantizeLinear, so the file stays small - until it holds.
-4. Accuracy gate on held-out photos + synthetic images against FP32, beside a
+4. Linear layers quantized per call instead (`dynamic_linear`: DynamicQuantizeMatMul, 7-bit
+   per-column weights) when that stays within the budget or is no worse than static: on this
+   encoder it was faster than QGemm on both the VNNI and the AVX2 kernels and closer to FP32.
+   Static Q/DQ stays where the search kept it (Conv, attention MatMul); the manifest names the
+   result: int8-static-qdq, int8-hybrid, or int8-dynamic when no static Q/DQ is left.
+5. Accuracy gate on held-out photos + synthetic images against FP32, beside a
    `quantize_dynamic` baseline; output written only if the gate holds (atomic directory).
 
 No torch: onnx, onnxruntime(.quantization), numpy and tinysam_rt only.
@@ -628,7 +633,7 @@ def search_graph(role, prepared, reader, scorer, config, work, progress):
             path, budget, op_types = trial, used_here, smaller
         if budget <= 1:
             break
-    linear, by_linear = "static", {"static": round(budget, 4)}
+    linear, by_linear, search_excluded = "static", {"static": round(budget, 4)}, excluded
     if config.linear != "static" and "Gemm" in graph_nodes_types(path):
         trial, converted = dynamic_linear(path, prepared, op_types, work / f"{role}.dynamic-linear.onnx",
                                           config.reduce_range)
@@ -637,6 +642,9 @@ def search_graph(role, prepared, reader, scorer, config, work, progress):
         progress(f"{role}: {converted} Gemm(s) quantized per call (DynamicQuantizeMatMul) -> {used_here:.0%} of the budget")
         if config.linear == "dynamic" or used_here <= max(1.0, budget):
             path, budget, linear = trial, used_here, "dynamic"
+            # Kept-float Gemms are dynamic now; only static op types' nodes are still kept float.
+            static_nodes = set(graph_nodes(prepared, set(op_types) - {"Gemm"}))
+            search_excluded, excluded = excluded, [n for n in excluded if n in static_nodes]
     recipe = {
         "method": method,
         "linear": linear,
@@ -656,6 +664,7 @@ def search_graph(role, prepared, reader, scorer, config, work, progress):
         "per_channel": True,
         "reduce_range": config.reduce_range,
         "excluded_nodes": excluded,
+        "search_excluded_nodes": search_excluded,  # before the linear layers went dynamic
         "excluded_nodes_storage": ("float compute; Gemm/MatMul weights int8 (per-channel, symmetric) + "
                                    "DequantizeLinear, Conv weights float16 + Cast"
                                    + ("; with dynamic linear layers, excluded Gemms are DynamicQuantizeMatMul too"

@@ -398,6 +398,8 @@ def test_search_tries_gemms_quantized_per_call(tmp_path, linear, want):
         assert recipe["precision"] == "int8-hybrid" and recipe["dynamic_op_types"] == ["Gemm"]
         assert recipe["static_op_types"] == ["MatMul"] and ops["mm2"].op_type == "DynamicQuantizeMatMul"
         assert recipe["budget_used"] == recipe["budget_used_by_linear"]["dynamic"] <= 1
+        # what stays float is named only where it still computes in float (MatMuls)
+        assert recipe["search_excluded_nodes"] == recipe["excluded_nodes"] == ["mm0"]  # a MatMul: still float
     else:
         assert recipe["precision"] == "int8-static-qdq" and recipe["dynamic_op_types"] == []
         assert ops["mm2"].op_type == "Gemm"
