@@ -20,7 +20,7 @@ Recipe (every choice measured; numbers and the commands in benchmarks/RESULTS.md
    weights still stored int8 + DequantizeLinear, so the file stays small - until it holds.
 4. Linear layers quantized per call instead (`dynamic_linear`: DynamicQuantizeMatMul, 7-bit
    per-column weights) when that stays within the budget or is no worse than static: on this
-   encoder it was faster than QGemm on both the VNNI and the AVX2 kernels and closer to FP32.
+   encoder it was faster than QGemm with VNNI, as fast on the AVX2 kernels, and closer to FP32.
    Static Q/DQ stays where the search kept it (Conv, attention MatMul); the manifest names the
    result: int8-static-qdq, int8-hybrid, or int8-dynamic when no static Q/DQ is left.
 5. Accuracy gate on held-out photos + synthetic images against FP32, beside a
@@ -102,8 +102,8 @@ class QuantizeConfig:
     reduce_range: bool = True  # 7-bit weights: no u8s8 saturation on AVX2-only CPUs
     # Gemm (linear) layers: "static" (QGemm: activation ranges from calibration), "dynamic"
     # (DynamicQuantizeMatMul: each call quantizes its own input) or "auto": dynamic when its
-    # calibration-set error is within budget or no worse than static's. Dynamic ran faster on
-    # both the VNNI and the AVX2 kernels (benchmarks/RESULTS.md, "AVX2 code path").
+    # calibration-set error is within budget or no worse than static's. Per call was faster than
+    # QGemm with VNNI and as fast on AVX2 (benchmarks/RESULTS.md, "AVX2 code path").
     linear: str = "auto"
     seed: int = 0  # prompt sampling and synthetic images
     sampling: calibration.PromptSampling = field(default_factory=calibration.PromptSampling)
