@@ -8,6 +8,8 @@ search is off); the error cases must fail before any slow step and leave no outp
 import hashlib
 import importlib.util
 import json
+import logging
+import shutil
 import subprocess
 import sys
 
@@ -18,10 +20,10 @@ import pytest
 
 from conftest import synthetic_image
 from tinysam_export import calibration, fidelity, quantize
-from tinysam_rt import cli, prompts
+from tinysam_rt import cli, gemm_peak, prompts
 from tinysam_rt.io import load_image, write_png
 from tinysam_rt.manifest import Preprocess, load_manifest
-from tinysam_rt.predictor import TinySAMPredictor
+from tinysam_rt.predictor import TinySAMPredictor, warn_if_weights_saturate
 
 SMALL = calibration.PromptSampling(points=2, multi_points=1, boxes=1, point_boxes=1, grid_per_side=2, refinements=1, batch=4)
 FAST = quantize.QuantizeConfig(method="minmax", only="both", min_images=1, holdout=1, synthetic=0, gate=False,
@@ -539,6 +541,26 @@ def test_image_below_two_pixels_is_named_before_any_slow_step(fp32_model_dir, ca
     with pytest.raises(ValueError, match=rf"calibration file .*sliver\.png must be at least 2x2 pixels, got {height}x{width}"):
         quantize.quantize_model(fp32_model_dir, folder, tmp_path / "out", FAST)
     assert _no_output(tmp_path)
+
+
+def test_predictor_warns_when_8bit_weights_meet_a_saturating_kernel(int8_dir, tmp_path, caplog):
+    """Whether this CPU's kernel saturates decides the answer (AVX2-only: yes; VNNI/AMX/ARM: no);
+    the test holds on both, and 7-bit weights never warn."""
+    out, _ = int8_dir
+    eight_bit = tmp_path / "eight-bit"
+    shutil.copytree(out, eight_bit)
+    doc = json.loads((eight_bit / "manifest.json").read_text())
+    doc["quantization"]["graphs"]["encoder"]["reduce_range"] = False  # as --no-reduce-range writes it
+    (eight_bit / "manifest.json").write_text(json.dumps(doc))
+    saturates = gemm_peak.u8s8_kernel_saturates()
+    with caplog.at_level(logging.WARNING, logger="tinysam_rt.predictor"):
+        TinySAMPredictor(model_dir=eight_bit)
+        TinySAMPredictor(model_dir=out)
+    warned = [r.getMessage() for r in caplog.records if "8-bit weights" in r.getMessage()]
+    assert warned == ([f"{eight_bit}: the encoder graph(s) have 8-bit weights, and this CPU's integer kernel "
+                       "saturates them (no VNNI): expect outputs further from FP32; re-quantize without "
+                       "--no-reduce-range"] if saturates else [])
+    assert warn_if_weights_saturate(load_manifest(out)) == []
 
 
 def test_already_quantized_model_is_refused(int8_dir, calib_dir, tmp_path):

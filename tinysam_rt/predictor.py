@@ -18,6 +18,29 @@ logger = logging.getLogger(__name__)
 MAX_DECODER_BATCH = 64
 
 
+def warn_if_weights_saturate(manifest):
+    """Log a warning when a graph with 8-bit integer weights meets a CPU whose uint8 x int8 kernel
+    saturates (x86 without VNNI): its outputs then drift from FP32 (embedding cosine 0.980 ->
+    0.941 measured; benchmarks/RESULTS.md, "AVX2 code path"). 7-bit weights, what `tinysam
+    quantize` writes unless told `--no-reduce-range`, are safe everywhere.
+
+    Returns:
+        list of the roles with 8-bit weights if the kernel saturates, else [].
+    """
+    recipes = (manifest.quantization or {}).get("graphs", {})
+    eight_bit = sorted(role for role, recipe in recipes.items() if recipe.get("reduce_range") is False)
+    if not eight_bit:
+        return []
+    from tinysam_rt.gemm_peak import u8s8_kernel_saturates  # one tiny ORT session, only for such models
+
+    if not u8s8_kernel_saturates():
+        return []
+    logger.warning("%s: the %s graph(s) have 8-bit weights, and this CPU's integer kernel saturates them "
+                   "(no VNNI): expect outputs further from FP32; re-quantize without --no-reduce-range",
+                   manifest.model_dir, ", ".join(eight_bit))
+    return eight_bit
+
+
 class TinySAMPredictor:
     """SAM's predictor API on ONNX Runtime.
 
@@ -49,6 +72,7 @@ class TinySAMPredictor:
                 preprocess.check_image(image)
             manifest = load_manifest(resolve_model_dir(model_dir))
             encoder, decoder = load_sessions(manifest, threads)
+            warn_if_weights_saturate(manifest)
             _shared = (manifest, encoder, decoder, cache)
         self.manifest, self._encoder, self._decoder, self._cache = _shared
         self._embedding = None
