@@ -175,10 +175,9 @@ def main(argv=None):
         parser.error("--model and --calib are required")
     import onnxruntime as ort
 
-    from bench_quantize import build_variants
+    from bench_quantize import build_variants, publish
     from tinysam_export import calibration
     from tinysam_rt import gemm_peak, io, sysinfo
-    from tinysam_rt.atomic import atomic_write_text
     from tinysam_rt.manifest import load_manifest
 
     ort.set_default_logger_severity(3)
@@ -211,11 +210,7 @@ def main(argv=None):
               "system": sysinfo.system_info(), "threads": args.threads, "runs": args.runs, "rounds": args.rounds,
               "warmup": args.warmup, "gemm_n": args.gemm_n, "load_start": load_start, "load_end": sysinfo.load_average(),
               "code_paths": summarise(children, variants)}
-    text = markdown(result)
-    print(text)
-    if args.json is not None:
-        atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
-        atomic_write_text(args.json.with_suffix(".md"), text)
+    publish(result, markdown(result), args.json)
     return 0
 
 

@@ -249,14 +249,18 @@ def main(argv=None):
         "load_start": load_start, "load_end": sysinfo.load_average(), "variants": rows, "profiles": profiles,
         "decoders": decoders,
     }
-    text = markdown(result)
+    publish(result, markdown(result), args.json)
+    return 0
+
+
+def publish(result, text, json_path):
+    """Print the markdown; with a path, write the JSON there and the markdown beside it (.md)."""
     print(text)
-    if args.json is not None:
+    if json_path is not None:
         from tinysam_rt.atomic import atomic_write_text
 
-        atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
-        atomic_write_text(args.json.with_suffix(".md"), text)
-    return 0
+        atomic_write_text(json_path, json.dumps(result, indent=2) + "\n")
+        atomic_write_text(json_path.with_suffix(".md"), text)
 
 
 if __name__ == "__main__":

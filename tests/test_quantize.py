@@ -259,12 +259,18 @@ def _run(path, feed):
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feed)[0]
 
 
-def test_quantized_only_restores_float_inputs(tmp_path):
+def _chain_qdq(tmp_path, ops=("MatMul", "Gemm")):
+    """The chain, its prepared graph, and that graph's static QDQ (MinMax) with `ops` quantized."""
     src, feeds = _chain(tmp_path)
     prepared = quantize.prepare_graph(src, tmp_path / "chain.prepared.onnx")
     reader = calibration.FeedReader(len(feeds), feeds.__getitem__)
-    ops = ("MatMul", "Gemm")
     qdq = quantize.quantize_qdq(prepared, tmp_path / "q.onnx", reader, "minmax", ops, (), tmp_path / "r.json")
+    return src, feeds, prepared, qdq
+
+
+def test_quantized_only_restores_float_inputs(tmp_path):
+    ops = ("MatMul", "Gemm")
+    src, feeds, prepared, qdq = _chain_qdq(tmp_path, ops)
     q_model, f_model = onnx.load(str(qdq)), onnx.load(str(prepared))
     every = quantize.quantized_only(q_model, f_model, {"mm0", "mm1", "mm2"}, ops, tmp_path / "all.onnx")
     np.testing.assert_array_equal(_run(every, feeds[0]), _run(qdq, feeds[0]))
@@ -346,11 +352,8 @@ def _ops(path):
 
 
 def test_dynamic_linear_quantizes_gemms_per_call_and_keeps_static_matmuls(tmp_path):
-    src, feeds = _chain(tmp_path)
-    prepared = quantize.prepare_graph(src, tmp_path / "chain.prepared.onnx")
-    reader = calibration.FeedReader(len(feeds), feeds.__getitem__)
     ops = ("MatMul", "Gemm")
-    qdq = quantize.quantize_qdq(prepared, tmp_path / "q.onnx", reader, "minmax", ops, (), tmp_path / "r.json")
+    src, feeds, prepared, qdq = _chain_qdq(tmp_path, ops)
     out, converted = quantize.dynamic_linear(qdq, prepared, ops, tmp_path / "dyn.onnx")
     nodes = _ops(out)
     assert converted == 1 and nodes["mm2"].op_type == "DynamicQuantizeMatMul" and nodes["mm2"].domain == "com.microsoft"
