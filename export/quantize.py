@@ -299,6 +299,17 @@ def store_weights_compact(path, nodes, out):
     return converted
 
 
+def per_column_int8(weight, qmax):
+    """Symmetric int8 quantization of a (K, N) float weight, one scale per output column.
+
+    Returns:
+        q (K, N) int8 in [-qmax, qmax]; scale (N,) float32 (1.0 for an all-zero column).
+    """
+    scale = (np.abs(weight).max(axis=0) / qmax).astype(np.float32)  # (N,)
+    scale[scale == 0] = 1.0
+    return np.clip(np.round(weight / scale), -qmax, qmax).astype(np.int8), scale
+
+
 def dynamic_linear(quantized, prepared, op_types, out, reduce_range=True):
     """A copy of a QDQ graph whose Gemm layers quantize their input per call instead.
 
@@ -310,7 +321,9 @@ def dynamic_linear(quantized, prepared, op_types, out, reduce_range=True):
     0.9885 measured on the AVX2 code path; benchmarks/RESULTS.md).
 
     Args:
-        quantized: Path of a graph from `quantize_graph`. prepared: Path it was made from.
+        quantized: Path of a graph from `quantize_graph`, or the prepared graph itself (then
+            every Gemm goes per call and nothing else is quantized). prepared: Path of the
+            prepared float graph it was made from.
         op_types: the op types quantized statically in `quantized`. out: Path to write.
 
     Returns:
@@ -337,7 +350,7 @@ def dynamic_linear(quantized, prepared, op_types, out, reduce_range=True):
             return onnx.numpy_helper.to_array(float_inits[source[k]])
         return _constant_weight(node.input[k], inits, producers)
 
-    qmax = 63 if reduce_range else 127
+    qmax = 63 if reduce_range else 127  # 7-bit: 2 x 255 x 63 < 32767, no AVX2 pair saturation
     nodes, converted = [], 0
     for node in graph.node:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
@@ -348,10 +361,7 @@ def dynamic_linear(quantized, prepared, op_types, out, reduce_range=True):
                 or attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0):
             nodes.append(node)
             continue
-        weight = weight.T if attrs.get("transB", 0) else weight  # (K, N)
-        scale = (np.abs(weight).max(axis=0) / qmax).astype(np.float32)  # (N,)
-        scale[scale == 0] = 1.0
-        q = np.clip(np.round(weight / scale), -qmax, qmax).astype(np.int8)  # (K, N)
+        q, scale = per_column_int8(weight.T if attrs.get("transB", 0) else weight, qmax)  # (K, N), (N,)
         name = node.name
         graph.initializer.extend([onnx.numpy_helper.from_array(q, f"{name}_dq_weight"),
                                   onnx.numpy_helper.from_array(scale, f"{name}_dq_scale"),
@@ -456,11 +466,13 @@ def _constant_weight(name, inits, producers):
     dq = producers.get(name)
     if dq is None or dq.op_type != "DequantizeLinear" or not all(i in inits for i in dq.input):
         return None
-    q, scale = (onnx.numpy_helper.to_array(inits[i]).astype(np.float32) for i in dq.input[:2])
+    q, scale, *zero = (onnx.numpy_helper.to_array(inits[i]).astype(np.float32) for i in dq.input)
+    zero = zero[0] if zero else np.zeros_like(scale)
     axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
     shape = [1] * q.ndim
-    shape[axis] = -1
-    return q * scale.reshape(shape) if scale.ndim else q * scale
+    if scale.ndim:
+        shape[axis] = -1
+    return (q - zero.reshape(shape)) * scale.reshape(shape)
 
 
 def graph_nodes_types(path):
