@@ -589,6 +589,17 @@ def exclusion_count(errors, start, used):
     return count
 
 
+def quantized_format(recipes):
+    """How the quantized graphs carry INT8: static QDQ, per-call DynamicQuantizeMatMul, or both."""
+    kinds = set()
+    for recipe in recipes.values():
+        if recipe["static_op_types"]:
+            kinds.add("QDQ")
+        if recipe["dynamic_op_types"]:
+            kinds.add("DynamicQuantizeMatMul")
+    return " + ".join(sorted(kinds, key=["QDQ", "DynamicQuantizeMatMul"].index)) or "none"
+
+
 def precision_name(linear, op_types):
     """The manifest's precision of a graph: static QDQ, dynamic only, or both (hybrid)."""
     if linear == "static":
@@ -820,7 +831,7 @@ def quantize_model(model_dir, calib, out_dir, config=QuantizeConfig(), progress=
             "source": {"encoder_sha256": manifest.encoder.sha256, "decoder_sha256": manifest.decoder.sha256},
             "points_decoder": ("copied (decoder not quantized)" if "points_decoder" in graphs else
                                "dropped: the INT8 decoder serves every prompt" if points is not None else None),
-            "format": "QDQ",
+            "format": quantized_format(recipes),
             "graphs": recipes,
             "calibration": {
                 "images": [{"file": img.path.name, "sha256": img.sha256} for img in calib_images],

@@ -461,7 +461,7 @@ def test_quantized_model_loads_and_predicts(int8_dir, fp32_model_dir, calib_dir)
     assert recipe["graphs"]["encoder"]["method"] == "minmax"
     assert recipe["graphs"]["encoder"]["excluded_nodes"] == []
     assert recipe["versions"]["onnxruntime"] == ort.__version__
-    assert set(recipe["fidelity"]) == {"static", "dynamic"}
+    assert set(recipe["fidelity"]) == {"static", "dynamic"} and recipe["format"] == "QDQ"
     assert (out / "quantization_report.md").read_text().startswith("# tinysam quantize")
     # The FP32 points decoder would take every point prompt from the INT8 decoder: it is dropped.
     assert manifest.points_decoder is None and not (out / "points_decoder.onnx").exists()
@@ -669,6 +669,7 @@ def test_cli_only_encoder_keeps_the_fp32_decoders(fp32_model_dir, calib_dir, tmp
     assert recipe["linear"] == "dynamic" and recipe["dynamic_op_types"] == ["Gemm"]
     # Named for what it runs: static Q/DQ left for Conv/MatMul -> hybrid, none -> dynamic.
     assert manifest.encoder.precision == ("int8-hybrid" if recipe["static_op_types"] else "int8-dynamic")
+    assert manifest.quantization["format"] == ("QDQ + " if recipe["static_op_types"] else "") + "DynamicQuantizeMatMul"
     kernels = {n.op_type for n in onnx.load(str(manifest.encoder.path)).graph.node}
     assert "DynamicQuantizeMatMul" in kernels and "Gemm" not in kernels
     assert [(g.precision, g.sha256) for g in manifest.graphs[1:]] == [(g.precision, g.sha256) for g in fp32.graphs[1:]]
