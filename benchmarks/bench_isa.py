@@ -67,6 +67,7 @@ def patched_onnxruntime(dest):
 
 
 def child_env(isa, patched):
+    """The environment of a child: the AVX2 one imports the patched copy first."""
     env = dict(os.environ)
     if isa == "avx2":
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(patched), env.get("PYTHONPATH")]))
