@@ -247,6 +247,20 @@ def test_report_without_optional_parts_still_renders(bench_report_json):
     assert "encoder" in text and "machine limit (best" not in text
 
 
+@pytest.mark.torch  # the test model is exported with torch
+@pytest.mark.parametrize("saturates, says", [(True, "16-bit pair sums saturate"), (False, "exact"),
+                                             (None, "unknown"), ("absent", None)])
+def test_report_names_the_u8s8_kernel_kind(bench_report_json, saturates, says):
+    report, _ = bench_report_json
+    report = copy.deepcopy(report)
+    if saturates == "absent":  # a report written before the probe existed
+        del report["machine_limits"]["ort_u8s8_saturates"]
+    else:
+        report["machine_limits"]["ort_u8s8_saturates"] = saturates
+    lines = [line for line in bench_report.format_report(report).splitlines() if "ORT u8s8 kernel:" in line]
+    assert ([says in line for line in lines] == [True]) if says else lines == []
+
+
 def test_merge_limits_keeps_the_better_measurement():
     from tinysam_rt import bench_run
 

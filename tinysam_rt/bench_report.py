@@ -94,9 +94,10 @@ def _header_lines(report):
                      f"{limits['numpy_float32']['best_gflops']:.0f} GFLOP/s; ORT MatMul float32 {ort32} "
                      f"GFLOP/s; ORT MatMulInteger u8s8 {ort8} GOP/s")
         if "ort_u8s8_saturates" in limits:  # reports from before the probe lack it
-            lines.append("ORT u8s8 kernel: " + (
-                "16-bit pair sums saturate (AVX2-class, no VNNI): INT8 models need 7-bit weights (reduce_range)"
-                if limits["ort_u8s8_saturates"] else "exact (no 16-bit saturation: 8-bit weights are safe)"))
+            lines.append("ORT u8s8 kernel: " + {
+                True: "16-bit pair sums saturate (AVX2-class, no VNNI): INT8 models need 7-bit weights (reduce_range)",
+                False: "exact (no 16-bit saturation: 8-bit weights are safe)",
+                None: "unknown (neither exact nor pair-saturated on the probe)"}[limits["ort_u8s8_saturates"]])
     return lines
 
 

@@ -146,7 +146,8 @@ def u8s8_kernel_saturates(threads=1, k=64):
         k: inner dimension (even); (k, k) uint8 A times (k, 16) int8 B.
 
     Returns:
-        bool: True if the product came out clipped, False if exact.
+        True if the product came out pair-clipped, False if exact, None if neither (a kernel
+        this probe does not know: reported as unknown, never guessed).
     """
     import onnxruntime as ort  # deferred: `tinysam-bench --help` must not import ORT
 
@@ -162,5 +163,4 @@ def u8s8_kernel_saturates(threads=1, k=64):
         return False
     if np.all(y == k // 2 * 32767):
         return True
-    raise RuntimeError(f"MatMulInteger gave {np.unique(y)[:4]} for {k} x 255 x 127: neither exact ({exact}) "
-                       f"nor pair-saturated ({k // 2 * 32767})")
+    return None

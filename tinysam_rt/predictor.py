@@ -33,7 +33,7 @@ def warn_if_weights_saturate(manifest):
         return []
     from tinysam_rt.gemm_peak import u8s8_kernel_saturates  # one tiny ORT session, only for such models
 
-    if not u8s8_kernel_saturates():
+    if u8s8_kernel_saturates() is not True:  # exact, or a kernel the probe does not know
         return []
     logger.warning("%s: the %s graph(s) have 8-bit weights, and this CPU's integer kernel saturates them "
                    "(no VNNI): expect outputs further from FP32; re-quantize without --no-reduce-range",
