@@ -475,11 +475,6 @@ def _constant_weight(name, inits, producers):
     return (q - zero.reshape(shape)) * scale.reshape(shape)
 
 
-def graph_nodes_types(path):
-    """The set of op types in an ONNX file."""
-    return {node.op_type for node in onnx.load(str(path), load_external_data=False).graph.node}
-
-
 def graph_nodes(path, op_types):
     """Names of the nodes of `op_types` in an ONNX file, in graph order."""
     model = onnx.load(str(path), load_external_data=False)
@@ -657,9 +652,9 @@ def search_graph(role, prepared, reader, scorer, config, work, progress):
         if budget <= 1:
             break
     linear, by_linear, search_excluded = "static", {"static": round(budget, 4)}, excluded
-    if config.linear != "static" and "Gemm" in graph_nodes_types(path):
-        trial, converted = dynamic_linear(path, prepared, op_types, work / f"{role}.dynamic-linear.onnx",
-                                          config.reduce_range)
+    trial, converted = (None, 0) if config.linear == "static" else dynamic_linear(
+        path, prepared, op_types, work / f"{role}.dynamic-linear.onnx", config.reduce_range)
+    if converted:  # a graph without Gemms has nothing to quantize per call
         used_here = scorer.budget(trial)
         by_linear["dynamic"] = round(used_here, 4)
         progress(f"{role}: {converted} Gemm(s) quantized per call (DynamicQuantizeMatMul) -> {used_here:.0%} of the budget")
