@@ -20,6 +20,7 @@ import pytest
 
 from conftest import synthetic_image
 from tinysam_export import calibration, fidelity, quantize
+from tinysam_export.upscaler_int8 import _graphs_under
 from tinysam_rt import cli, gemm_peak, prompts
 from tinysam_rt.io import load_image, write_png
 from tinysam_rt.manifest import Preprocess, load_manifest
@@ -427,6 +428,10 @@ def test_check_config_names_the_field():
         quantize.check_config(quantize.QuantizeConfig(min_images=0))
     with pytest.raises(ValueError, match="holdout \\+ synthetic"):
         quantize.check_config(quantize.QuantizeConfig(holdout=0, synthetic=0))
+    with pytest.raises(ValueError, match=r"upscaler must be one of \['fp32', 'int8'\], got 'int4'"):
+        quantize.check_config(quantize.QuantizeConfig(upscaler="int4"))
+    with pytest.raises(ValueError, match=r"kept only with only='encoder' .*got only='both'"):
+        quantize.check_config(quantize.QuantizeConfig(upscaler="int8", only="both"))
 
 
 # -- end to end -------------------------------------------------------------------------------------
@@ -676,3 +681,51 @@ def test_cli_only_encoder_keeps_the_fp32_decoders(fp32_model_dir, calib_dir, tmp
     assert manifest.points_decoder is not None
     assert manifest.quantization["points_decoder"] == "copied (decoder not quantized)"
     TinySAMPredictor(synthetic_image(64, 64), model_dir=out).predict(point_coords=[[10, 20]])
+
+
+def test_cli_int8_upscaler_quantizes_the_points_decoder(fp32_model_dir, calib_dir, tmp_path, capsys):
+    out = tmp_path / "int8-upscaler"
+    code = cli.main(["quantize", "--model", str(fp32_model_dir), "--calib", str(calib_dir / "*.png"), "--out", str(out),
+                     "--method", "minmax", "--min-images", "1", "--holdout", "1", "--synthetic", "0",
+                     "--max-excluded", "0", "--no-gate", "--linear", "dynamic", "--upscaler", "int8", "--report"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    manifest, fp32 = load_manifest(out), load_manifest(fp32_model_dir)
+    assert manifest.points_decoder.precision == "int8-upscaler"
+    assert manifest.decoder.sha256 == fp32.decoder.sha256  # mask-input prompts: the FP32 decoder
+    recipe = manifest.quantization["graphs"]["points_decoder"]
+    assert recipe["converted_matmuls"] == 2 and recipe["reduce_range"] is True
+    assert manifest.quantization["points_decoder"].startswith("upscaler GEMMs int8")
+    size = manifest.quantization["sizes"]["points_decoder"]
+    assert size["precision"] == "int8-upscaler" and size["bytes"] < size["fp32_bytes"]
+    assert "| points_decoder | int8-upscaler |" in captured.out
+    kernels = {n.op_type for g in _graphs_under(onnx.load(str(manifest.points_decoder.path)).graph) for n in g.node}
+    assert "DynamicQuantizeMatMul" in kernels
+    # The fidelity report ran point prompts through it (the gate sees the upscaler's effect).
+    assert manifest.quantization["fidelity"]["static"]["prompts"] > 0
+    masks, scores, _ = TinySAMPredictor(synthetic_image(64, 64), model_dir=out).predict(point_coords=[[10, 20]])
+    assert masks.shape == (3, 64, 64) and scores.shape == (3,)
+
+
+def test_int8_upscaler_needs_a_current_points_decoder(fp32_model_dir, calib_dir, tmp_path):
+    import dataclasses
+
+    model = tmp_path / "no-points"
+    shutil.copytree(fp32_model_dir, model)
+    (model / "points_decoder.onnx").unlink()
+    doc = json.loads((model / "manifest.json").read_text())
+    del doc["graphs"]["points_decoder"]
+    (model / "manifest.json").write_text(json.dumps(doc))
+    config = dataclasses.replace(FAST, only="encoder", upscaler="int8")
+    with pytest.raises(ValueError, match="upscaler='int8' needs a points decoder .* this model has none"):
+        quantize.quantize_model(model, calib_dir, tmp_path / "out", config)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_int8_upscaler_with_an_int8_decoder_is_a_usage_error(fp32_model_dir, calib_dir, tmp_path, capsys):
+    code = cli.main(["quantize", "--model", str(fp32_model_dir), "--calib", str(calib_dir), "--out", str(tmp_path / "o"),
+                     "--only", "both", "--upscaler", "int8"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "kept only with only='encoder'" in err
+    assert not (tmp_path / "o").exists()

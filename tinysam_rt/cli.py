@@ -299,8 +299,8 @@ def _cmd_quantize(args):
         onnxruntime.set_default_logger_severity(3)
     config = QuantizeConfig(method=args.method, only=args.only, min_images=args.min_images, holdout=args.holdout,
                             synthetic=args.synthetic, gate=not args.no_gate, max_excluded=args.max_excluded,
-                            reduce_range=not args.no_reduce_range, linear=args.linear, seed=args.seed,
-                            threads=args.threads,
+                            reduce_range=not args.no_reduce_range, linear=args.linear, upscaler=args.upscaler,
+                            seed=args.seed, threads=args.threads,
                             sampling=PromptSampling())
     try:
         check_config(config)
@@ -350,6 +350,10 @@ def _add_quantize(subparsers):
     parser.add_argument("--linear", choices=("auto", "static", "dynamic"), default="auto",
                         help="linear (Gemm) layers: static QGemm, dynamic DynamicQuantizeMatMul (input quantized "
                              "per call), or auto: dynamic when it is within the error budget or no worse")
+    parser.add_argument("--upscaler", choices=("fp32", "int8"), default="fp32",
+                        help="the points decoder's mask upscaler (with --only encoder): int8 quantizes its two "
+                             "per-prompt GEMMs per call, ~18%% less decoder time per prompt in everything mode; "
+                             "masks move slightly, predicted IoUs do not")
     parser.add_argument("--seed", type=int, default=0, help="seed of prompt sampling and synthetic images")
     parser.add_argument("--report", action="store_true", help="print the fidelity and size tables (markdown)")
     parser.add_argument("--threads", type=positive_int, default=None,

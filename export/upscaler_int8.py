@@ -1,0 +1,102 @@
+"""INT8 mask upscaler for the points decoder: its two GEMMs quantized per call.
+
+In everything mode the points decoder's per-prompt mask upscaler (two GEMMs standing for SAM's
+ConvTranspose2d pair, a LayerNorm and two GELUs, run once per prompt in a Scan) is about half of
+the decoder's time when every mask is computed. Its weights are constants, so each GEMM can be a
+DynamicQuantizeMatMul (uint8 input quantized from its own min/max on every call, int8 weights
+symmetric per output column): measured 7.96 -> 5.15 ms per prompt for the Scan (ORT profiler,
+2 threads; benchmarks/RESULTS.md, "Everything mode"). Only mask logits move: the IoU head runs
+before the upscaler, so predicted IoUs, the selected token and the upscaler gate are unchanged.
+The transformer stays float: its per-prompt products have activations on both sides.
+
+No torch: onnx and numpy only.
+"""
+
+import numpy as np
+import onnx
+
+UPSCALER_PRECISION = "int8-upscaler"  # the points decoder's manifest precision after `int8_upscaler`
+
+
+def per_column_int8(weight, qmax):
+    """Symmetric int8 quantization of a (K, N) float weight, one scale per output column.
+
+    Returns:
+        q (K, N) int8 in [-qmax, qmax]; scale (N,) float32 (1.0 for an all-zero column).
+    """
+    scale = (np.abs(weight).max(axis=0) / qmax).astype(np.float32)  # (N,)
+    scale[scale == 0] = 1.0
+    return np.clip(np.round(weight / scale), -qmax, qmax).astype(np.int8), scale
+
+
+def _subgraphs(node):
+    return [a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH]
+
+
+def _graphs_under(graph):
+    """`graph` and every graph nested in its nodes (If branches, Scan bodies), depth first."""
+    found = [graph]
+    for node in graph.node:
+        for sub in _subgraphs(node):
+            found += _graphs_under(sub)
+    return found
+
+
+def _names_read(graph):
+    """Every tensor name read by a node of `graph` or of any graph nested in it."""
+    return {name for g in _graphs_under(graph) for n in g.node for name in n.input if name}
+
+
+def int8_upscaler(src, out, reduce_range=True):
+    """Write a copy of a points decoder whose upscaler GEMMs are DynamicQuantizeMatMul.
+
+    The upscaler is the body of the graph's one Scan (see `export_onnx.export_points_decoder`);
+    every MatMul in it (nested graphs included) with a constant 2-D weight is converted. Its
+    bias Add stays a float Add. The float weights are dropped when nothing else reads them.
+
+    Args:
+        src: Path of a points_decoder.onnx (the current contract: gate and image-side cache).
+        out: Path to write.
+        reduce_range: 7-bit weights (qmax 63): 2 x 255 x 63 < 32767, so the u8 x s8 pair sums of
+            x86 CPUs without VNNI cannot saturate; 8-bit otherwise.
+
+    Returns:
+        the number of MatMuls converted (2 for vit_t).
+
+    Raises:
+        ValueError: the graph has no Scan, or no constant-weight MatMul inside it.
+    """
+    model = onnx.load(str(src))
+    scans = [n for n in model.graph.node if n.op_type == "Scan"]
+    if len(scans) != 1:
+        raise ValueError(f"{src}: expected the points decoder's one per-prompt upscaler Scan, found {len(scans)} Scan nodes")
+    qmax = 63 if reduce_range else 127
+    outer = {i.name: i for i in model.graph.initializer}
+    converted = 0
+    for graph in _graphs_under(_subgraphs(scans[0])[0]):
+        inits = {**outer, **{i.name: i for i in graph.initializer}}  # inner names shadow outer ones
+        for node in graph.node:
+            weight = onnx.numpy_helper.to_array(inits[node.input[1]]) if node.op_type == "MatMul" and node.input[1] in inits else None
+            if weight is None or weight.ndim != 2:
+                continue
+            q, scale = per_column_int8(weight.astype(np.float32), qmax)  # (K, N) int8, (N,)
+            name = node.name or node.output[0]
+            graph.initializer.extend([onnx.numpy_helper.from_array(q, f"{name}_dq_weight"),
+                                      onnx.numpy_helper.from_array(scale, f"{name}_dq_scale"),
+                                      onnx.numpy_helper.from_array(np.zeros(scale.shape, np.int8), f"{name}_dq_zero")])
+            # In place: re-adding nodes would copy them and detach the nested graphs still to visit.
+            node.CopyFrom(onnx.helper.make_node(
+                "DynamicQuantizeMatMul", [node.input[0], f"{name}_dq_weight", f"{name}_dq_scale", f"{name}_dq_zero"],
+                list(node.output), name=name, domain="com.microsoft"))
+            converted += 1
+    if not converted:
+        raise ValueError(f"{src}: no MatMul with a constant weight in the upscaler Scan; is it a tinysam-rt points decoder?")
+    read = _names_read(model.graph)
+    for graph in _graphs_under(model.graph):  # the replaced float weights, wherever they were
+        kept = [i for i in graph.initializer if i.name in read]
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    onnx.save(model, str(out))
+    return converted

@@ -1,0 +1,84 @@
+"""upscaler_int8: the points decoder's upscaler GEMMs per call, on the session's random-weight export."""
+
+import numpy as np
+import onnx
+import pytest
+
+from conftest import synthetic_image
+from tinysam_export.upscaler_int8 import _graphs_under, int8_upscaler
+from tinysam_rt.manifest import load_manifest
+from tinysam_rt.predictor import TinySAMPredictor
+from tinysam_rt.sessions import PointsDecoderSession
+
+
+@pytest.fixture(scope="module")
+def int8_points(fp32_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("upscaler") / "points_decoder.onnx"
+    converted = int8_upscaler(fp32_model_dir / "points_decoder.onnx", out)
+    return out, converted
+
+
+def _scan_body_ops(path):
+    model = onnx.load(str(path))
+    scan = next(n for n in model.graph.node if n.op_type == "Scan")
+    return model, [n for g in _graphs_under(scan.attribute[0].g) for n in g.node]
+
+
+def test_upscaler_gemms_become_dynamic_quantize_matmul(int8_points, fp32_model_dir):
+    path, converted = int8_points
+    assert converted == 2  # ConvTranspose2d pair as GEMMs (256 -> 4 x 64, 64 -> 4 x 32)
+    model, body = _scan_body_ops(path)
+    ops = [n.op_type for n in body]
+    assert ops.count("DynamicQuantizeMatMul") == 2
+    weights = {i.name: i for g in _graphs_under(model.graph) for i in g.initializer}
+    # The hypernetwork product (activations on both sides) stays a float MatMul.
+    assert all(n.input[1] not in weights for n in body if n.op_type == "MatMul")
+    for node in body:
+        if node.op_type == "DynamicQuantizeMatMul":
+            q = onnx.numpy_helper.to_array(weights[node.input[1]])
+            assert q.dtype == np.int8 and np.abs(q).max() == 63  # 7-bit: no AVX2 pair saturation
+    # The float copies are gone (a (256, 256) and a (64, 128) weight), not kept beside the int8 ones.
+    fp32_bytes = (fp32_model_dir / "points_decoder.onnx").stat().st_size
+    assert fp32_bytes - path.stat().st_size > 3 * (256 * 256 + 64 * 128) * 0.9
+    # The main graph's transformer is untouched.
+    fp32_main = [n.op_type for n in onnx.load(str(fp32_model_dir / "points_decoder.onnx")).graph.node]
+    assert [n.op_type for n in model.graph.node] == fp32_main
+
+
+def test_int8_upscaler_moves_masks_only(int8_points, fp32_model_dir, tmp_path):
+    import dataclasses
+
+    manifest = load_manifest(fp32_model_dir)
+    fp32 = PointsDecoderSession(manifest.points_decoder)
+    int8 = PointsDecoderSession(dataclasses.replace(manifest.points_decoder, path=int8_points[0]))
+    predictor = TinySAMPredictor(synthetic_image(600, 800, seed=3), model_dir=fp32_model_dir)
+    features = predictor.embedding.features
+    rng = np.random.default_rng(0)
+    coords = np.concatenate([rng.uniform(0, 1000, (6, 2, 2)), np.zeros((6, 1, 2))], axis=1).astype(np.float32)
+    labels = np.tile(np.array([[1, 0, -1]], np.float32), (6, 1))
+    masks_fp32, iou_fp32 = fp32.run(features, coords, labels)
+    masks_int8, iou_int8 = int8.run(features, coords, labels)
+    # The IoU head runs before the upscaler: the same scores, so the same selected token.
+    np.testing.assert_allclose(iou_int8, iou_fp32, rtol=0, atol=1e-6)
+    # Masks: per-call uint8 inputs and 7-bit weights move the logits a little, not the masks' shape.
+    spread = masks_fp32.std()
+    assert np.abs(masks_int8 - masks_fp32).max() < 0.25 * spread
+    assert ((masks_int8 > 0) == (masks_fp32 > 0)).mean() > 0.98
+    # The upscaler gate still skips prompts whose IoUs are all below the threshold.
+    gated, _ = int8.run(features, coords, labels, upscale_iou_threshold=float(iou_fp32.max()) + 1.0)
+    assert not gated.any()
+
+
+def test_eight_bit_weights_on_request(fp32_model_dir, tmp_path):
+    out = tmp_path / "points_decoder.onnx"
+    int8_upscaler(fp32_model_dir / "points_decoder.onnx", out, reduce_range=False)
+    model, body = _scan_body_ops(out)
+    weights = {i.name: i for g in _graphs_under(model.graph) for i in g.initializer}
+    peaks = [np.abs(onnx.numpy_helper.to_array(weights[n.input[1]])).max() for n in body if n.op_type == "DynamicQuantizeMatMul"]
+    assert peaks == [127, 127]
+
+
+def test_graph_without_the_upscaler_scan_is_refused(fp32_model_dir, tmp_path):
+    with pytest.raises(ValueError, match=r"decoder.onnx: expected the points decoder's one per-prompt upscaler Scan, found 0"):
+        int8_upscaler(fp32_model_dir / "decoder.onnx", tmp_path / "out.onnx")
+    assert not (tmp_path / "out.onnx").exists()
