@@ -21,6 +21,10 @@ Parts (`--parts`, default all):
 - profile: share of the points decoder's time per ONNX op type at batch 64 (ORT's profiler);
 - stability: low-res (prefilter) vs full-resolution stability score;
 - agreement: points decoder vs plain decoder outputs on the same everything-mode prompts.
+
+With `--int8 DIR` (a `tinysam quantize --upscaler int8` directory), its points decoder joins the
+decoder part (image side cached), its standard run (gate on and off) joins the modes part, and
+the agreement part compares its masks with the FP32 points decoder's.
 Not a test: nothing here asserts speed.
 """
 
@@ -92,10 +96,14 @@ def _graph_runners(predictor):
     return runners
 
 
-def bench_decoder(predictor, image, runs, sizes=BATCH_SIZES):
+def bench_decoder(predictor, image, runs, sizes=BATCH_SIZES, int8=None):
     embedding = predictor.embed(image)
     batches = {b: _grid_prompts(image.shape[:2], b) for b in sizes}
     runners = _graph_runners(predictor)
+    if int8 is not None and int8._decoder.points_decoder is not None:
+        points = int8._decoder.points_decoder  # same FP32 embedding: the decoder's own cost
+        runners[f"points_decoder {points.graph.precision}, image side cached"] = \
+            lambda c, l, e: points.run(e.features, c, l, cache=e.decoder_cache)
     for run in runners.values():
         for b in sizes:  # warm-up: first call at each shape allocates
             run(*batches[b], embedding)
@@ -119,17 +127,34 @@ def bench_decoder(predictor, image, runs, sizes=BATCH_SIZES):
     return {"rows": rows, "runqueue_wait_s": sysinfo.runqueue_wait_s() - wait0}
 
 
-def bench_agreement(predictor, image, batch=64):
-    """Points decoder vs plain decoder on the same everything-mode prompts."""
+def _agreement(reference, other, batch):
+    """Two decoders' (logits, IoUs) on the same prompts: how far apart, per mask of each token."""
+    (ref, ref_iou), (out, out_iou) = reference, other  # (B, 3, 256, 256), (B, 3)
+    a, b = ref > 0, out > 0
+    union = (a | b).sum(axis=(2, 3))
+    iou = np.where(union == 0, 1.0, (a & b).sum(axis=(2, 3)) / np.maximum(union, 1))  # (B, 3)
+    return {"batch": batch, "max_abs_logit_diff": float(np.abs(out - ref).max()),
+            "mean_abs_logit_diff": float(np.abs(out - ref).mean()), "logit_std": float(ref.std()),
+            "max_abs_iou_diff": float(np.abs(out_iou - ref_iou).max()),
+            "mask_pixel_agreement": float((a == b).mean()),
+            "mask_iou_mean": float(iou.mean()), "mask_iou_min": float(iou.min())}
+
+
+def bench_agreement(predictor, image, batch=64, int8=None):
+    """Points decoder vs plain decoder on the same everything-mode prompts (and the INT8-upscaler
+    points decoder vs the FP32 one, on the same FP32 embedding)."""
     embedding = predictor.embed(image)
     runners = _graph_runners(predictor)
     if "points_decoder" not in runners:
         return None
     coords, labels = _grid_prompts(image.shape[:2], batch)
-    (plain, plain_iou), (points, points_iou) = (runners[g](coords, labels, embedding) for g in ("decoder", "points_decoder"))
-    return {"batch": batch, "max_abs_logit_diff": float(np.abs(points - plain).max()),
-            "max_abs_iou_diff": float(np.abs(points_iou - plain_iou).max()),
-            "mask_pixel_agreement": float(((points > 0) == (plain > 0)).mean())}
+    plain, points = (runners[g](coords, labels, embedding) for g in ("decoder", "points_decoder"))
+    result = _agreement(plain, points, batch)
+    if int8 is not None and int8._decoder.points_decoder is not None:
+        quantized = int8._decoder.points_decoder
+        result["int8"] = {"precision": quantized.graph.precision,
+                          **_agreement(points, quantized.run(embedding.features, coords, labels), batch)}
+    return result
 
 
 # -- strategies ----------------------------------------------------------------------------------
@@ -177,7 +202,7 @@ def _run_official_tinysam(repo, manifest, image, points_per_side):
             "masks": len(records), "runqueue_wait_s": sysinfo.runqueue_wait_s() - wait0}
 
 
-def bench_modes(predictor, image, points_per_side, points_per_batch, runs, torch_model, tinysam_repo=None):
+def bench_modes(predictor, image, points_per_side, points_per_batch, runs, torch_model, tinysam_repo=None, int8=None):
     configs = [
         (AmgConfig(points_per_side=points_per_side, points_per_batch=points_per_batch), None),
         (AmgConfig(points_per_side=points_per_side, points_per_batch=points_per_batch), HierarchicalConfig()),
@@ -199,6 +224,11 @@ def bench_modes(predictor, image, points_per_side, points_per_batch, runs, torch
             entry = _run_ours(plain, image, configs[0][0], None)
             entry["mode"] = "standard, plain decoder graph"
             results[entry["mode"]].append(entry)
+        if int8 is not None:
+            for name, runner in (("standard, INT8 model", int8), ("standard, INT8 model, upscaler gate off", WithoutGate(int8))):
+                entry = _run_ours(runner, image, configs[0][0], None)
+                entry["mode"] = name
+                results[name].append(entry)
     if torch_model is not None:
         entry = _run_sam(torch_model, image, points_per_side, points_per_batch)
         results[entry["mode"]].append(entry)
@@ -376,8 +406,9 @@ def bench_rss(model_dir, threads, with_torch):
 CONTROL_FLOW_OPS = ("Scan", "Loop", "If")
 
 
-def bench_profile(model_dir, threads, image, batch=64, runs=3):
-    """Share of ORT node time per op type, for each decoder graph at `batch` (profiling sessions)."""
+def bench_profile(model_dir, threads, image, batch=64, runs=3, int8_dir=None):
+    """Share of ORT node time per op type, for each decoder graph at `batch` (profiling sessions),
+    and for the points decoder of `int8_dir` if given."""
     import onnxruntime as ort
 
     from tinysam_rt.manifest import load_manifest
@@ -394,7 +425,8 @@ def bench_profile(model_dir, threads, image, batch=64, runs=3):
         predictor.predict_batch(coords[:1], labels[:1], embedding=embedding)
         (feeds["image_side_cache"],) = embedding.decoder_cache.values()
     out = {}
-    for graph in (manifest.decoder, manifest.points_decoder):
+    extra = None if int8_dir is None else load_manifest(int8_dir).points_decoder
+    for graph in (manifest.decoder, manifest.points_decoder, extra):
         if graph is None:
             continue
         with tempfile.TemporaryDirectory() as tmp:
@@ -413,7 +445,8 @@ def bench_profile(model_dir, threads, image, batch=64, runs=3):
                     and event["args"]["op_name"] not in CONTROL_FLOW_OPS):
                 by_op[event["args"]["op_name"]] += event["dur"]
         total = sum(by_op.values())
-        out[graph.role] = {"ms_per_prompt": total / 1e3 / (runs + 1) / batch,
+        name = graph.role if graph is not extra else f"{graph.role} ({graph.precision})"
+        out[name] = {"ms_per_prompt": total / 1e3 / (runs + 1) / batch,
                            "shares": {k: v / total for k, v in by_op.most_common(10)}}
     return {"batch": batch, "runs": runs + 1, "graphs": out}
 
@@ -566,7 +599,26 @@ def findings(report):
                      f"with the prompts run: {half['skipped_fraction'] * 100:.0f}% of dense points skipped gives "
                      f"{report['skip'][0]['cpu_seconds'] / half['cpu_seconds']:.2f}x (CPU time); TinySAM's ~2x over "
                      f"the standard grid needs {needed * 100:.0f}% of dense points skipped.")
+    int8_on, int8_off = modes.get("standard, INT8 model"), modes.get("standard, INT8 model, upscaler gate off")
     agreement = report.get("agreement")
+    if int8_off and off:
+        kinds = report["settings"]["int8"]
+        text = (f"- The INT8 model ({kinds['encoder']} encoder, {kinds.get('points_decoder', 'no')} points decoder), "
+                f"every mask computed: {int8_off['p50_s']:.1f} s vs FP32 {off['p50_s']:.1f} s "
+                f"({off['p50_s'] / int8_off['p50_s']:.2f}x; decoder {int8_off['decoder_seconds']:.1f} vs "
+                f"{off['decoder_seconds']:.1f} s), {reference_s / int8_off['p50_s']:.1f}x the TinySAM run"
+                + (f" and {sam['p50_s'] / int8_off['p50_s']:.1f}x eager SAM" if sam else "")
+                + (f"; gate on (best case here): {int8_on['p50_s']:.1f} s." if int8_on else "."))
+        quantized = (agreement or {}).get("int8")
+        if quantized:
+            text += (f" Its points decoder vs the FP32 one on {quantized['batch']} grid prompts, same FP32 embedding: "
+                     f"predicted IoUs differ by at most {quantized['max_abs_iou_diff']:.1e} (the IoU head runs before "
+                     f"the upscaler), mask IoU per token mean {quantized['mask_iou_mean']:.4f}, worst "
+                     f"{quantized['mask_iou_min']:.4f}, {quantized['mask_pixel_agreement'] * 100:.2f}% of pixels equal; "
+                     f"|logit diff| mean {quantized['mean_abs_logit_diff']:.3f}, max {quantized['max_abs_logit_diff']:.3f} "
+                     f"against a logit spread (std) of {quantized['logit_std']:.2f}: these random weights put much of "
+                     "every mask near the 0 threshold, which a real checkpoint's masks may not (not measurable here).")
+        lines.append(text)
     if agreement:
         lines.append(f"- Points decoder vs plain decoder on {agreement['batch']} everything-mode prompts: max |logit "
                      f"diff| {agreement['max_abs_logit_diff']:.1e}, max |IoU diff| {agreement['max_abs_iou_diff']:.1e}, "
@@ -585,7 +637,7 @@ def render(report):
                  f"{r['ms_per_prompt_p50']:.1f}", f"{r['ms_per_prompt_min']:.1f}", f"{r['prompts_per_s_p50']:.1f}",
                  f"{r['cpu_ms_per_prompt_p50']:.1f}"]
                 for r in sorted(report["decoder"]["rows"], key=lambda r: (r["graph"], r["batch"]))]
-        parts.append("Decoder graphs (FP32, everything-mode prompts: one grid point + SAM's padding point) by batch "
+        parts.append("Decoder graphs (FP32 unless named, everything-mode prompts: one grid point + SAM's padding point) by batch "
                      f"size, {report['settings']['runs']} runs after one warm-up, round-robin over sizes and graphs "
                      f"(run-queue wait during the part: {report['decoder']['runqueue_wait_s']:.1f} s):\n\n"
                      + _table(["graph", "batch", "p50 ms/call", "p95 ms/call", "min ms/call", "p50 ms/prompt",
@@ -677,6 +729,9 @@ def main(argv=None):
     parser.add_argument("--tinysam-repo", type=Path, help="checkout of xinghaochen/TinySAM: also time its eager "
                         "hierarchical generator (modes part)")
     parser.add_argument("--no-torch", action="store_true", help="skip eager SAM (modes, rss)")
+    parser.add_argument("--int8", type=Path, default=None, metavar="DIR",
+                        help="also time this INT8 model directory (e.g. tinysam quantize --upscaler int8) in the "
+                             "decoder, modes and agreement parts")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--update-results", action="store_true", help=f"rewrite '{SECTION}' in RESULTS.md")
     parser.add_argument("--render", type=Path, default=None, metavar="JSON",
@@ -700,13 +755,16 @@ def main(argv=None):
                            "points_per_batch": args.points_per_batch, "image": args.image.name,
                            "image_size": list(image.shape[:2])}}
     predictor = TinySAMPredictor(model_dir=args.model, threads=args.threads, cache_size=0)
+    int8 = None if args.int8 is None else TinySAMPredictor(model_dir=args.int8, threads=args.threads, cache_size=0)
+    if int8 is not None:
+        report["settings"]["int8"] = {"model": str(args.int8), **{g.role: g.precision for g in int8.manifest.graphs}}
 
     def save():  # after every part: a late failure keeps what was measured
         if args.json:
             atomic_write_text(args.json, json.dumps(report, indent=2) + "\n")
 
     if "decoder" in parts:
-        report["decoder"] = bench_decoder(predictor, image, args.runs)
+        report["decoder"] = bench_decoder(predictor, image, args.runs, int8=int8)
         save()
     if "modes" in parts:
         torch_model = None
@@ -718,7 +776,7 @@ def main(argv=None):
             torch.set_num_threads(args.threads)
             torch_model = build_tinysam(checkpoint=None, seed=_random_seed(predictor.manifest))
         report["modes"] = bench_modes(predictor, image, args.points_per_side, args.points_per_batch,
-                                      args.mode_runs, torch_model, args.tinysam_repo)
+                                      args.mode_runs, torch_model, args.tinysam_repo, int8)
         save()
     if "skip" in parts:
         report["skip"] = bench_skip(predictor, image, args.points_per_side, args.points_per_batch)
@@ -730,13 +788,13 @@ def main(argv=None):
         report["rss"] = bench_rss(args.model, args.threads, not args.no_torch)
         save()
     if "profile" in parts:
-        report["profile"] = bench_profile(args.model, args.threads, image)
+        report["profile"] = bench_profile(args.model, args.threads, image, int8_dir=args.int8)
         save()
     if "stability" in parts:
         report["stability"] = bench_stability(predictor, image)
         save()
     if "agreement" in parts:
-        report["agreement"] = bench_agreement(predictor, image)
+        report["agreement"] = bench_agreement(predictor, image, int8=int8)
         save()
     report["load_average_end"] = sysinfo.load_average()
     if args.json:
