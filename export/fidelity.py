@@ -71,7 +71,8 @@ def decode_prompts(decoder, embeddings, input_size, batches, tokens=None):
     """Every prompt through a decoder as the runtime runs it, keeping SAM's selected mask.
 
     Args:
-        decoder: tinysam_rt DecoderSession.
+        decoder: a tinysam_rt DecoderSession or PromptDecoder (point prompts then go through its
+            points decoder, as in the runtime).
         embeddings: (1, 256, 64, 64) float32; input_size: (h, w) in the 1024 frame.
         batches: from calibration.sample_prompts.
         tokens: (P,) int, another model's choices: also return this decoder's masks at them.
@@ -103,7 +104,7 @@ def evaluate(pipelines, images, pre, sampling, seed):
     """Fidelity of each pipeline against the "fp32" one, on the same images and prompts.
 
     Args:
-        pipelines: dict name -> (EncoderSession, DecoderSession); must contain "fp32". Pass the
+        pipelines: dict name -> (EncoderSession, DecoderSession or PromptDecoder); must contain "fp32". Pass the
             same session object where pipelines share a graph: it runs once per image.
         images: list of (name, (H, W, 3) uint8 RGB).
         pre: tinysam_rt.manifest.Preprocess of the model.
