@@ -445,6 +445,13 @@ def calib_dir(tmp_path_factory):
     return folder
 
 
+def _quantize_cli(fp32_model_dir, calib_dir, out, *flags):
+    """`tinysam quantize` on the two test images, fast settings (minmax, no search), plus `flags`."""
+    return cli.main(["quantize", "--model", str(fp32_model_dir), "--calib", str(calib_dir / "*.png"), "--out", str(out),
+                     "--method", "minmax", "--min-images", "1", "--holdout", "1", "--synthetic", "0",
+                     "--max-excluded", "0", *flags])
+
+
 @pytest.fixture(scope="module")
 def int8_dir(fp32_model_dir, calib_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("int8") / "vit_t-int8"
@@ -509,9 +516,7 @@ def test_cli_failed_gate_prints_the_numbers_then_one_error_line(fp32_model_dir, 
     # The gate's verdict is forced (random weights pass or fail it by chance); the numbers are real.
     monkeypatch.setattr(fidelity, "gate_failures", lambda *a, **k: ["mean selected-mask IoU 0.5000 < 0.95"])
     out = tmp_path / "int8"
-    code = cli.main(["quantize", "--model", str(fp32_model_dir), "--calib", str(calib_dir / "*.png"), "--out", str(out),
-                     "--method", "minmax", "--min-images", "1", "--holdout", "1", "--synthetic", "0",
-                     "--max-excluded", "0", "--only", "decoder", "--report"])
+    code = _quantize_cli(fp32_model_dir, calib_dir, out, "--only", "decoder", "--report")
     captured = capsys.readouterr()
     assert code == 1 and not out.exists()
     assert "| vs FP32 |" in captured.out and "scene1.png" in captured.out  # the fidelity table of the refused model
@@ -649,9 +654,7 @@ def test_cli_without_onnx_says_what_to_install(calib_dir, tmp_path, monkeypatch,
 
 def test_cli_only_decoder_keeps_the_fp32_encoder(fp32_model_dir, calib_dir, tmp_path, capsys):
     out = tmp_path / "mixed"
-    code = cli.main(["quantize", "--model", str(fp32_model_dir), "--calib", str(calib_dir / "*.png"), "--out", str(out),
-                     "--method", "minmax", "--min-images", "1", "--holdout", "1", "--synthetic", "0",
-                     "--max-excluded", "0", "--no-gate", "--only", "decoder", "--linear", "static", "--report"])
+    code = _quantize_cli(fp32_model_dir, calib_dir, out, "--no-gate", "--only", "decoder", "--linear", "static", "--report")
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "| vs FP32 |" in captured.out and f"wrote {out}/" in captured.out
@@ -665,9 +668,7 @@ def test_cli_only_decoder_keeps_the_fp32_encoder(fp32_model_dir, calib_dir, tmp_
 
 def test_cli_only_encoder_keeps_the_fp32_decoders(fp32_model_dir, calib_dir, tmp_path, capsys):
     out = tmp_path / "mixed"
-    code = cli.main(["quantize", "--model", str(fp32_model_dir), "--calib", str(calib_dir / "*.png"), "--out", str(out),
-                     "--method", "minmax", "--min-images", "1", "--holdout", "1", "--synthetic", "0",
-                     "--max-excluded", "0", "--no-gate", "--only", "encoder", "--linear", "dynamic"])
+    code = _quantize_cli(fp32_model_dir, calib_dir, out, "--no-gate", "--only", "encoder", "--linear", "dynamic")
     assert code == 0, capsys.readouterr().err
     manifest, fp32 = load_manifest(out), load_manifest(fp32_model_dir)
     recipe = manifest.quantization["graphs"]["encoder"]
@@ -685,9 +686,7 @@ def test_cli_only_encoder_keeps_the_fp32_decoders(fp32_model_dir, calib_dir, tmp
 
 def test_cli_int8_upscaler_quantizes_the_points_decoder(fp32_model_dir, calib_dir, tmp_path, capsys):
     out = tmp_path / "int8-upscaler"
-    code = cli.main(["quantize", "--model", str(fp32_model_dir), "--calib", str(calib_dir / "*.png"), "--out", str(out),
-                     "--method", "minmax", "--min-images", "1", "--holdout", "1", "--synthetic", "0",
-                     "--max-excluded", "0", "--no-gate", "--linear", "dynamic", "--upscaler", "int8", "--report"])
+    code = _quantize_cli(fp32_model_dir, calib_dir, out, "--no-gate", "--linear", "dynamic", "--upscaler", "int8", "--report")
     captured = capsys.readouterr()
     assert code == 0, captured.err
     manifest, fp32 = load_manifest(out), load_manifest(fp32_model_dir)
