@@ -202,7 +202,26 @@ def _run_official_tinysam(repo, manifest, image, points_per_side):
             "masks": len(records), "runqueue_wait_s": sysinfo.runqueue_wait_s() - wait0}
 
 
-def bench_modes(predictor, image, points_per_side, points_per_batch, runs, torch_model, tinysam_repo=None, int8=None):
+def _run_ours_round(predictor, plain, int8, image, configs, results):
+    """One run of each of our strategies, appended to `results[mode]`."""
+    for config, hierarchical in configs:
+        entry = _run_ours(predictor, image, config, hierarchical)
+        results[entry["mode"]].append(entry)
+    extra = []
+    if predictor.skips_low_iou_upscaling:
+        extra.append(("standard, upscaler gate off", WithoutGate(predictor)))
+    if predictor._decoder.points_decoder is not None:
+        extra.append(("standard, plain decoder graph", plain))
+    if int8 is not None:
+        extra += [("standard, INT8 model", int8), ("standard, INT8 model, upscaler gate off", WithoutGate(int8))]
+    for name, runner in extra:
+        entry = _run_ours(runner, image, configs[0][0], None)
+        entry["mode"] = name
+        results[name].append(entry)
+
+
+def bench_modes(predictor, image, points_per_side, points_per_batch, runs, torch_model, tinysam_repo=None, int8=None,
+                reference_runs=1):
     configs = [
         (AmgConfig(points_per_side=points_per_side, points_per_batch=points_per_batch), None),
         (AmgConfig(points_per_side=points_per_side, points_per_batch=points_per_batch), HierarchicalConfig()),
@@ -212,29 +231,16 @@ def bench_modes(predictor, image, points_per_side, points_per_batch, runs, torch
     plain = predictor.clone()
     plain._decoder = PromptDecoder(predictor._decoder.decoder)
     results = collections.defaultdict(list)
-    for _ in range(runs):
-        for config, hierarchical in configs:
-            entry = _run_ours(predictor, image, config, hierarchical)
-            results[entry["mode"]].append(entry)
-        if predictor.skips_low_iou_upscaling:
-            entry = _run_ours(WithoutGate(predictor), image, configs[0][0], None)
-            entry["mode"] = "standard, upscaler gate off"
-            results[entry["mode"]].append(entry)
-        if predictor._decoder.points_decoder is not None:
-            entry = _run_ours(plain, image, configs[0][0], None)
-            entry["mode"] = "standard, plain decoder graph"
-            results[entry["mode"]].append(entry)
-        if int8 is not None:
-            for name, runner in (("standard, INT8 model", int8), ("standard, INT8 model, upscaler gate off", WithoutGate(int8))):
-                entry = _run_ours(runner, image, configs[0][0], None)
-                entry["mode"] = name
-                results[name].append(entry)
-    if torch_model is not None:
-        entry = _run_sam(torch_model, image, points_per_side, points_per_batch)
-        results[entry["mode"]].append(entry)
-    if tinysam_repo is not None:
-        entry = _run_official_tinysam(tinysam_repo, predictor.manifest, image, points_per_side)
-        results[entry["mode"]].append(entry)
+    for round_index in range(max(runs, reference_runs)):  # interleaved: load drift lands on all alike
+        if round_index < runs:
+            _run_ours_round(predictor, plain, int8, image, configs, results)
+        if round_index < reference_runs:  # the eager references vary by a quarter run to run
+            if torch_model is not None:
+                entry = _run_sam(torch_model, image, points_per_side, points_per_batch)
+                results[entry["mode"]].append(entry)
+            if tinysam_repo is not None:
+                entry = _run_official_tinysam(tinysam_repo, predictor.manifest, image, points_per_side)
+                results[entry["mode"]].append(entry)
     summary = {}
     for mode, entries in results.items():
         seconds = [e["seconds"] for e in entries]
@@ -723,6 +729,8 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=5, help="timed runs of the decoder part")
     parser.add_argument("--mode-runs", type=int, default=1, help="timed runs of each of our strategies")
+    parser.add_argument("--reference-runs", type=int, default=1,
+                        help="timed runs of eager SAM and the official TinySAM generator (modes part)")
     parser.add_argument("--points-per-side", type=int, default=32)
     parser.add_argument("--points-per-batch", type=int, default=AmgConfig().points_per_batch)
     parser.add_argument("--parts", default="decoder,modes,skip,gate,rss,profile,stability,agreement")
@@ -776,7 +784,7 @@ def main(argv=None):
             torch.set_num_threads(args.threads)
             torch_model = build_tinysam(checkpoint=None, seed=_random_seed(predictor.manifest))
         report["modes"] = bench_modes(predictor, image, args.points_per_side, args.points_per_batch,
-                                      args.mode_runs, torch_model, args.tinysam_repo, int8)
+                                      args.mode_runs, torch_model, args.tinysam_repo, int8, args.reference_runs)
         save()
     if "skip" in parts:
         report["skip"] = bench_skip(predictor, image, args.points_per_side, args.points_per_batch)
