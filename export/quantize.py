@@ -840,7 +840,7 @@ def quantize_model(model_dir, calib, out_dir, config=QuantizeConfig(), progress=
                      "dynamic": _sessions(manifest, {**dynamic, **kept_points}, config.threads, fp32)}
         scores = fidelity.evaluate(pipelines, held, manifest.preprocess, config.sampling, config.seed + 1000)
         sizes = {}
-        for role in ("encoder", "decoder", "points_decoder")[:3 if "points_decoder" in recipes else 2]:
+        for role in ["encoder", "decoder"] + (["points_decoder"] if "points_decoder" in recipes else []):
             fp32_bytes = getattr(manifest, role).path.stat().st_size
             size = Path(graphs[role][0]).stat().st_size
             sizes[role] = {"precision": graphs[role][1], "fp32_bytes": fp32_bytes, "bytes": size,

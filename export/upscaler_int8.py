@@ -43,8 +43,11 @@ def _graphs_under(graph):
 
 
 def _names_read(graph):
-    """Every tensor name read by a node of `graph` or of any graph nested in it."""
-    return {name for g in _graphs_under(graph) for n in g.node for name in n.input if name}
+    """Every tensor name read by a node of `graph` or of any graph nested in it, or returned by one
+    of those graphs (a branch may return an initializer as it is)."""
+    graphs = _graphs_under(graph)
+    return ({name for g in graphs for n in g.node for name in n.input if name}
+            | {value.name for g in graphs for value in g.output})
 
 
 def int8_upscaler(src, out, reduce_range=True):

@@ -21,7 +21,8 @@ def int8_points(fp32_model_dir, tmp_path_factory):
 def _scan_body_ops(path):
     model = onnx.load(str(path))
     scan = next(n for n in model.graph.node if n.op_type == "Scan")
-    return model, [n for g in _graphs_under(scan.attribute[0].g) for n in g.node]
+    body = next(a.g for a in scan.attribute if a.name == "body")
+    return model, [n for g in _graphs_under(body) for n in g.node]
 
 
 def test_upscaler_gemms_become_dynamic_quantize_matmul(int8_points, fp32_model_dir):
