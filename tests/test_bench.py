@@ -275,3 +275,19 @@ def test_merge_limits_keeps_the_better_measurement():
     assert merged["ort_float32"]["1"]["best_gflops"] == 50.0
     assert merged["ort_float32"]["1"]["best_gflops_samples"] == [50.0, 40.0]
     assert merged["ort_u8s8"]["1"]["best_gflops"] == 310.0
+
+
+def test_labels_name_every_graph_that_is_not_fp32():
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    def manifest(*precisions):
+        graphs = [SimpleNamespace(role=r, precision=p) for r, p in zip(("encoder", "decoder", "points_decoder"), precisions)]
+        return SimpleNamespace(encoder=graphs[0], graphs=tuple(graphs))
+
+    dirs = [Path("a/vit_t"), Path("a/vit_t-int8"), Path("b/vit_t-int8")]
+    manifests = [manifest("fp32", "fp32", "fp32"), manifest("int8-dynamic", "fp32", "int8-upscaler"),
+                 manifest("int8-dynamic", "int8-static-qdq")]
+    assert bench._labels(dirs, manifests) == [
+        "vit_t (fp32)", "vit_t-int8 (int8-dynamic, points_decoder int8-upscaler)", "vit_t-int8 (int8-dynamic, decoder int8-static-qdq)"]
+    assert bench._labels(dirs[1:2] * 2, manifests[1:2] * 2) == ["a/vit_t-int8 (int8-dynamic, points_decoder int8-upscaler)"] * 2

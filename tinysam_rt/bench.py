@@ -151,10 +151,17 @@ def check_args(args):
     return dirs
 
 
+def _precisions(manifest):
+    """'fp32'; the encoder's precision plus every other graph that is not FP32, e.g.
+    'int8-dynamic, points_decoder int8-upscaler'."""
+    others = [f"{g.role} {g.precision}" for g in manifest.graphs if g.role != "encoder" and g.precision != "fp32"]
+    return ", ".join([manifest.encoder.precision, *others])
+
+
 def _labels(dirs, manifests):
     """Short unique names: 'vit_t (fp32)'; the full path where two names would collide."""
-    names = [f"{d.name} ({m.encoder.precision})" for d, m in zip(dirs, manifests)]
-    return [f"{d} ({m.encoder.precision})" if names.count(n) > 1 else n for n, d, m in zip(names, dirs, manifests)]
+    names = [f"{d.name} ({_precisions(m)})" for d, m in zip(dirs, manifests)]
+    return [f"{d} ({_precisions(m)})" if names.count(n) > 1 else n for n, d, m in zip(names, dirs, manifests)]
 
 
 def run(args, dirs, image, progress, command):
