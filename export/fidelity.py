@@ -184,6 +184,12 @@ def _number(value):
     return "-" if value is None else f"{value:.4f}"
 
 
+def _method(recipe):
+    """The calibration method column: '(search only)' when the graph keeps no calibrated range."""
+    method = recipe.get("method", "-")
+    return f"{method} (search only)" if recipe.get("calibrated_ranges_used") is False else method
+
+
 def report_markdown(report):
     """The fidelity and size tables of a `tinysam quantize` report, as markdown."""
     gate = report["gate"]
@@ -214,7 +220,7 @@ def report_markdown(report):
         recipe = report["graphs"].get(role, {})
         dynamic = "-" if size["dynamic_bytes"] is None else f"{size['dynamic_bytes'] / 1e6:.2f}"
         lines.append(f"| {role} | {size['precision']} | {size['fp32_bytes'] / 1e6:.2f} | {size['bytes'] / 1e6:.2f} | "
-                     f"{size['ratio']:.1%} | {dynamic} | {recipe.get('method', '-')} | {recipe.get('linear', '-')} | "
+                     f"{size['ratio']:.1%} | {dynamic} | {_method(recipe)} | {recipe.get('linear', '-')} | "
                      f"{len(recipe.get('excluded_nodes', []))} |")
     if gate["failures"]:
         lines += ["", "Gate failures: " + "; ".join(gate["failures"])]

@@ -668,8 +668,12 @@ def search_graph(role, prepared, reader, scorer, config, work, progress):
             # Kept-float Gemms are dynamic now; only static op types' nodes are still kept float.
             static_nodes = set(graph_nodes(prepared, set(op_types) - {"Gemm"}))
             search_excluded, excluded = excluded, [n for n in excluded if n in static_nodes]
+    static_op_types = [t for t in op_types if linear == "static" or t != "Gemm"]
     recipe = {
         "method": method,
+        # False for int8-dynamic: the method chose what the search kept float, but no calibrated
+        # activation range is left in the graph (every input is quantized per call).
+        "calibrated_ranges_used": bool(static_op_types),
         "linear": linear,
         "budget_used_by_linear": by_linear,
         "budget_used_by_method": {m: round(u, 4) for m, u in used.items()},
@@ -677,7 +681,7 @@ def search_graph(role, prepared, reader, scorer, config, work, progress):
         "budgets": {k: round(v, 6) for k, v in scorer.budgets.items()},
         "precision": precision_name(linear, op_types),
         "op_types": list(op_types),
-        "static_op_types": [t for t in op_types if linear == "static" or t != "Gemm"],
+        "static_op_types": static_op_types,
         "dynamic_op_types": ["Gemm"] if linear == "dynamic" else [],
         "budget_used_by_op_types": by_op_types,
         "float_compute_op_types": sorted(set(OP_TYPES[role]) - set(op_types)),

@@ -678,6 +678,9 @@ def test_cli_only_encoder_keeps_the_fp32_decoders(fp32_model_dir, calib_dir, tmp
     assert manifest.quantization["format"] == ("QDQ + " if recipe["static_op_types"] else "") + "DynamicQuantizeMatMul"
     kernels = {n.op_type for n in onnx.load(str(manifest.encoder.path)).graph.node}
     assert "DynamicQuantizeMatMul" in kernels and "Gemm" not in kernels
+    # A calibrated activation range lives in a QuantizeLinear; the recipe says whether any is left.
+    assert recipe["calibrated_ranges_used"] == ("QuantizeLinear" in kernels) == bool(recipe["static_op_types"])
+    assert fidelity._method(recipe) == ("minmax" if recipe["static_op_types"] else "minmax (search only)")
     assert [(g.precision, g.sha256) for g in manifest.graphs[1:]] == [(g.precision, g.sha256) for g in fp32.graphs[1:]]
     assert manifest.points_decoder is not None
     assert manifest.quantization["points_decoder"] == "copied (decoder not quantized)"
