@@ -23,8 +23,10 @@ Parts (`--parts`, default all):
 - agreement: points decoder vs plain decoder outputs on the same everything-mode prompts.
 
 With `--int8 DIR` (a `tinysam quantize --upscaler int8` directory), its points decoder joins the
-decoder part (image side cached), its standard run (gate on and off) joins the modes part, and
-the agreement part compares its masks with the FP32 points decoder's.
+decoder part (image side cached) and the profile part, its standard run (gate on and off) joins
+the modes part, and the agreement part compares its masks with the FP32 points decoder's.
+`--reference-runs N` repeats eager SAM and the official TinySAM generator, one of each per round
+of our strategies.
 Not a test: nothing here asserts speed.
 """
 
