@@ -51,7 +51,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from tinysam_export import calibration, fidelity
 from tinysam_export.metadata import stamp_weights_id
-from tinysam_export.upscaler_int8 import UPSCALER_PRECISION, int8_upscaler, per_column_int8
+from tinysam_export.upscaler_int8 import UPSCALER_PRECISION, dynamic_quantize_matmul, int8_upscaler, use_contrib_opset
 from tinysam_rt import io, manifest as manifest_mod, preprocess
 from tinysam_rt.atomic import atomic_directory, atomic_write_text
 from tinysam_rt.predictor import TinySAMPredictor
@@ -366,23 +366,14 @@ def dynamic_linear(quantized, prepared, op_types, out, reduce_range=True):
                 or attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0):
             nodes.append(node)
             continue
-        q, scale = per_column_int8(weight.T if attrs.get("transB", 0) else weight, qmax)  # (K, N), (N,)
-        name = node.name
-        graph.initializer.extend([onnx.numpy_helper.from_array(q, f"{name}_dq_weight"),
-                                  onnx.numpy_helper.from_array(scale, f"{name}_dq_scale"),
-                                  onnx.numpy_helper.from_array(np.zeros(scale.shape, np.int8), f"{name}_dq_zero")])
-        if has_bias:  # (N,) float
-            graph.initializer.append(onnx.numpy_helper.from_array(bias.astype(np.float32), f"{name}_dq_bias"))
-        nodes.append(onnx.helper.make_node(
-            "DynamicQuantizeMatMul",
-            [node.input[0], f"{name}_dq_weight", f"{name}_dq_scale", f"{name}_dq_zero"] + ([f"{name}_dq_bias"] if has_bias else []),
-            list(node.output), name=name, domain="com.microsoft"))
+        nodes.append(dynamic_quantize_matmul(graph, node.name, node.input[0],
+                                             weight.T if attrs.get("transB", 0) else weight,  # (K, N)
+                                             node.output, qmax, bias))  # bias (N,) float or None
         converted += 1
     del graph.node[:]
     graph.node.extend(nodes)
     _drop_unused(graph)  # the replaced weights and their DequantizeLinear nodes
-    if not any(o.domain == "com.microsoft" for o in model.opset_import):
-        model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    use_contrib_opset(model)
     onnx.save(model, str(out))
     return out, converted
 

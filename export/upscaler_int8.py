@@ -29,6 +29,33 @@ def per_column_int8(weight, qmax):
     return np.clip(np.round(weight / scale), -qmax, qmax).astype(np.int8), scale
 
 
+def dynamic_quantize_matmul(graph, name, x, weight, outputs, qmax, bias=None):
+    """A DynamicQuantizeMatMul node computing `x @ weight (+ bias)`, its int8 weights added to `graph`.
+
+    Args:
+        graph: onnx GraphProto that receives the weight, scale, zero point (and bias) initializers.
+        name: node name, also the initializers' prefix. x: name of the float input.
+        weight: (K, N) float array. outputs: list of output names. qmax: 63 (7-bit) or 127.
+        bias: (N,) float array or None.
+    Returns:
+        the NodeProto (not added to `graph`: the caller places it).
+    """
+    q, scale = per_column_int8(np.asarray(weight, np.float32), qmax)  # (K, N) int8, (N,)
+    inputs = [x, f"{name}_dq_weight", f"{name}_dq_scale", f"{name}_dq_zero"]
+    graph.initializer.extend([onnx.numpy_helper.from_array(q, inputs[1]), onnx.numpy_helper.from_array(scale, inputs[2]),
+                              onnx.numpy_helper.from_array(np.zeros(scale.shape, np.int8), inputs[3])])
+    if bias is not None:
+        inputs.append(f"{name}_dq_bias")
+        graph.initializer.append(onnx.numpy_helper.from_array(np.asarray(bias, np.float32), inputs[-1]))
+    return onnx.helper.make_node("DynamicQuantizeMatMul", inputs, list(outputs), name=name, domain="com.microsoft")
+
+
+def use_contrib_opset(model):
+    """Declare ORT's com.microsoft domain (DynamicQuantizeMatMul's) in `model` if it is not yet."""
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+
+
 def _subgraphs(node):
     return [a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH]
 
@@ -82,15 +109,9 @@ def int8_upscaler(src, out, reduce_range=True):
             weight = onnx.numpy_helper.to_array(inits[node.input[1]]) if node.op_type == "MatMul" and node.input[1] in inits else None
             if weight is None or weight.ndim != 2:
                 continue
-            q, scale = per_column_int8(weight.astype(np.float32), qmax)  # (K, N) int8, (N,)
-            name = node.name or node.output[0]
-            graph.initializer.extend([onnx.numpy_helper.from_array(q, f"{name}_dq_weight"),
-                                      onnx.numpy_helper.from_array(scale, f"{name}_dq_scale"),
-                                      onnx.numpy_helper.from_array(np.zeros(scale.shape, np.int8), f"{name}_dq_zero")])
             # In place: re-adding nodes would copy them and detach the nested graphs still to visit.
-            node.CopyFrom(onnx.helper.make_node(
-                "DynamicQuantizeMatMul", [node.input[0], f"{name}_dq_weight", f"{name}_dq_scale", f"{name}_dq_zero"],
-                list(node.output), name=name, domain="com.microsoft"))
+            node.CopyFrom(dynamic_quantize_matmul(graph, node.name or node.output[0], node.input[0], weight,
+                                                  node.output, qmax))
             converted += 1
     if not converted:
         raise ValueError(f"{src}: no MatMul with a constant weight in the upscaler Scan; is it a tinysam-rt points decoder?")
@@ -99,7 +120,6 @@ def int8_upscaler(src, out, reduce_range=True):
         kept = [i for i in graph.initializer if i.name in read]
         del graph.initializer[:]
         graph.initializer.extend(kept)
-    if not any(o.domain == "com.microsoft" for o in model.opset_import):
-        model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    use_contrib_opset(model)
     onnx.save(model, str(out))
     return converted

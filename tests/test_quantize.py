@@ -348,14 +348,6 @@ def test_search_quantizes_fewer_op_types_when_single_nodes_are_not_enough(tmp_pa
     assert any("only Gemm quantized" in m for m in messages)
 
 
-def test_per_column_int8_scales_each_output_column():
-    weight = np.array([[0.9, -0.5, 0.0], [-2.0, 0.2, 0.0]], np.float32)  # (K=2, N=3)
-    q, scale = quantize.per_column_int8(weight, 63)
-    np.testing.assert_allclose(scale, [2.0 / 63, 0.5 / 63, 1.0], rtol=1e-6)
-    np.testing.assert_array_equal(q, [[28, -63, 0], [-63, 25, 0]])  # 0.9 / (2/63) = 28.35, 0.2 / (0.5/63) = 25.2
-    assert q.dtype == np.int8
-
-
 def _ops(path):
     return {n.name: n for n in onnx.load(str(path)).graph.node}
 

@@ -5,7 +5,7 @@ import onnx
 import pytest
 
 from conftest import synthetic_image
-from tinysam_export.upscaler_int8 import _graphs_under, int8_upscaler
+from tinysam_export.upscaler_int8 import _graphs_under, int8_upscaler, per_column_int8
 from tinysam_rt.manifest import load_manifest
 from tinysam_rt.predictor import TinySAMPredictor
 from tinysam_rt.sessions import PointsDecoderSession
@@ -16,6 +16,14 @@ def int8_points(fp32_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("upscaler") / "points_decoder.onnx"
     converted = int8_upscaler(fp32_model_dir / "points_decoder.onnx", out)
     return out, converted
+
+
+def test_per_column_int8_scales_each_output_column():
+    weight = np.array([[0.9, -0.5, 0.0], [-2.0, 0.2, 0.0]], np.float32)  # (K=2, N=3)
+    q, scale = per_column_int8(weight, 63)
+    np.testing.assert_allclose(scale, [2.0 / 63, 0.5 / 63, 1.0], rtol=1e-6)
+    np.testing.assert_array_equal(q, [[28, -63, 0], [-63, 25, 0]])  # 0.9 / (2/63) = 28.35, 0.2 / (0.5/63) = 25.2
+    assert q.dtype == np.int8
 
 
 def _scan_body_ops(path):
