@@ -131,10 +131,11 @@ def bench_decoder(predictor, image, runs, sizes=BATCH_SIZES, int8=None):
 
 def _agreement(reference, other, batch):
     """Two decoders' (logits, IoUs) on the same prompts: how far apart, per mask of each token."""
+    from tinysam_export.fidelity import mask_iou  # numpy only, no torch
+
     (ref, ref_iou), (out, out_iou) = reference, other  # (B, 3, 256, 256), (B, 3)
     a, b = ref > 0, out > 0
-    union = (a | b).sum(axis=(2, 3))
-    iou = np.where(union == 0, 1.0, (a & b).sum(axis=(2, 3)) / np.maximum(union, 1))  # (B, 3)
+    iou = mask_iou(a.reshape(-1, *a.shape[2:]), b.reshape(-1, *b.shape[2:]))  # (B * 3,)
     return {"batch": batch, "max_abs_logit_diff": float(np.abs(out - ref).max()),
             "mean_abs_logit_diff": float(np.abs(out - ref).mean()), "logit_std": float(ref.std()),
             "max_abs_iou_diff": float(np.abs(out_iou - ref_iou).max()),

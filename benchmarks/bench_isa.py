@@ -74,13 +74,14 @@ def child_env(isa, patched):
     return env
 
 
-def run_child(isa, patched, job):
-    """One child process on the `isa` code path; `job` and its answer are JSON files."""
+def run_child(isa, patched, job, script=__file__):
+    """One child process on the `isa` code path: `script --child ISA JOB OUT`; `job` and its
+    answer (OUT, parsed and returned; the child may put files beside it) are JSON files."""
     out = Path(job).with_name(f"{isa}.{Path(job).stem}.out.json")
-    proc = subprocess.run([sys.executable, __file__, "--child", isa, str(job), str(out)],
+    proc = subprocess.run([sys.executable, str(script), "--child", isa, str(job), str(out)],
                           env=child_env(isa, patched), capture_output=True, text=True)
     if proc.returncode != 0:
-        raise SystemExit(f"bench_isa: the {isa} child failed:\n{proc.stderr[-3000:]}")
+        raise SystemExit(f"{Path(script).stem}: the {isa} child failed:\n{proc.stderr[-3000:]}")
     return json.loads(out.read_text())
 
 

@@ -16,7 +16,6 @@ Same caveat as bench_isa.py: the AVX2 code path on this core, not an AVX2-only C
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,10 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
-from bench_isa import child_env, patched_onnxruntime
+from bench_everything import _grid_prompts
+from bench_isa import patched_onnxruntime, run_child
 from bench_quantize import publish
 
-BATCH, PROMPTS, GRID = 16, 512, 32
+BATCH, PROMPTS = 16, 512
 
 
 def child(isa, job_path, out_path):
@@ -43,11 +43,7 @@ def child(isa, job_path, out_path):
         raise SystemExit(f"bench_upscaler_isa: the {isa} child imported the wrong onnxruntime ({ort.__file__})")
     image = io.load_image(job["image"])
     features = TinySAMPredictor(image, model_dir=job["fp32"], threads=job["threads"]).embedding.features
-    h, w = image.shape[:2]
-    step = (np.arange(GRID) + 0.5) / GRID * 1024 / max(h, w)  # grid cell centres, 1024 frame
-    points = np.stack(np.meshgrid(step * w, step * h), axis=-1).reshape(-1, 1, 2).astype(np.float32)[:PROMPTS]
-    coords = np.concatenate([points, np.zeros_like(points)], axis=1)  # (P, 2, 2): point + padding point
-    labels = np.tile(np.array([[1.0, -1.0]], np.float32), (len(points), 1))
+    coords, labels = _grid_prompts(image.shape[:2], PROMPTS)  # (P, 2, 2) grid point + padding point, 1024 frame
     sessions = {name: ort.InferenceSession(str(Path(d) / "points_decoder.onnx"), make_session_options(job["threads"]),
                                            providers=["CPUExecutionProvider"])
                 for name, d in (("fp32", job["fp32"]), ("int8-upscaler", job["int8"]))}
@@ -56,15 +52,16 @@ def child(isa, job_path, out_path):
     feeds["image_side_cache"] = sessions["fp32"].run(["image_side"], {**feeds, "point_coords": coords[:1],
                                                                       "point_labels": labels[:1]})[0]
     times, first = {name: [] for name in sessions}, {}
-    for start in range(0, len(points), BATCH):
+    for start in range(0, PROMPTS, BATCH):
         batch = {"point_coords": coords[start:start + BATCH], "point_labels": labels[start:start + BATCH]}
         for name, session in sessions.items():  # interleaved: drift lands on both alike
             began = time.perf_counter()
             masks, = session.run(["low_res_masks"], {**feeds, **batch})
             times[name].append((time.perf_counter() - began) / BATCH)
             first.setdefault(name, masks)
-    np.savez(Path(out_path).with_suffix(".npz"), **first)
-    Path(out_path).write_text(json.dumps({"onnxruntime_file": ort.__file__, "times": times}))
+    logits = Path(out_path).with_suffix(".npz")
+    np.savez(logits, **first)
+    Path(out_path).write_text(json.dumps({"onnxruntime_file": ort.__file__, "times": times, "logits_file": str(logits)}))
 
 
 def agreement(a, b):
@@ -97,14 +94,10 @@ def main(argv=None):
         job = work / "job.json"
         job.write_text(json.dumps({"fp32": str(args.fp32.resolve()), "int8": str(args.int8.resolve()),
                                    "image": str(args.image), "threads": args.threads}))
-        for index in range(args.rounds):
+        for _ in range(args.rounds):
             for isa in runs:
-                out = work / f"{isa}{index}.json"
-                proc = subprocess.run([sys.executable, __file__, "--child", isa, str(job), str(out)],
-                                      env=child_env(isa, patched), capture_output=True, text=True)
-                if proc.returncode != 0:
-                    raise SystemExit(f"bench_upscaler_isa: the {isa} child failed:\n{proc.stderr[-3000:]}")
-                runs[isa].append({**json.loads(out.read_text()), "logits": dict(np.load(out.with_suffix(".npz")))})
+                answer = run_child(isa, patched, job, script=__file__)
+                runs[isa].append({**answer, "logits": dict(np.load(answer["logits_file"]))})  # before the next child
     native_fp32 = runs["native"][0]["logits"]["fp32"]
     paths = {}
     for isa, children in runs.items():
