@@ -810,16 +810,17 @@ def quantize_model(model_dir, calib, out_dir, config=QuantizeConfig(), progress=
         # The points decoder stays only beside the FP32 decoder: next to an INT8 decoder it would
         # take every prompt without a mask input and the INT8 decoder would never run.
         if points is not None and "decoder" not in roles and config.upscaler == "int8":
-            converted = int8_upscaler(points.path, staging / points.path.name, config.reduce_range)
+            converted, biases = int8_upscaler(points.path, staging / points.path.name, config.reduce_range)
             graphs["points_decoder"] = (staging / points.path.name, UPSCALER_PRECISION)
             recipes["points_decoder"] = {
                 "precision": UPSCALER_PRECISION, "linear": "dynamic", "upscaler": "int8",
                 "static_op_types": [], "dynamic_op_types": ["MatMul"], "converted_matmuls": converted,
-                "reduce_range": config.reduce_range,
+                "biases_in_matmul": biases, "reduce_range": config.reduce_range,
                 "what": "the per-prompt mask upscaler's GEMMs as DynamicQuantizeMatMul (int8 weights per "
                         "output column); transformer, IoU head and upscaler gate float",
             }
-            progress(f"points_decoder: {converted} upscaler GEMMs quantized per call (DynamicQuantizeMatMul)")
+            progress(f"points_decoder: {converted} upscaler GEMMs quantized per call (DynamicQuantizeMatMul), "
+                     f"{biases} with their bias inside")
         elif points is not None and "decoder" not in roles:
             graphs["points_decoder"] = (shutil.copyfile(points.path, staging / points.path.name), points.precision)
         held = [(img.path.name, io.load_image(img.path)) for img in held_images]

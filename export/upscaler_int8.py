@@ -1,8 +1,9 @@
-"""INT8 mask upscaler for the points decoder: its two GEMMs quantized per call.
+"""INT8 mask upscaler for the points decoder: its GEMMs quantized per call.
 
-In everything mode the points decoder's per-prompt mask upscaler (two GEMMs standing for SAM's
-ConvTranspose2d pair, a LayerNorm and two GELUs, run once per prompt in a Scan) is about half of
-the decoder's time when every mask is computed. Its weights are constants, so each GEMM can be a
+In everything mode the points decoder's per-prompt mask upscaler (GEMMs standing for SAM's
+ConvTranspose2d pair, split by kernel row: see `onnx_wrappers.UpscalerGemms`; a LayerNorm and
+GELUs; run once per prompt in a Scan) is about half of the decoder's time when every mask is
+computed. Its weights are constants, so each GEMM can be a
 DynamicQuantizeMatMul (uint8 input quantized from its own min/max on every call, int8 weights
 symmetric per output column): measured 7.96 -> 5.15 ms per prompt for the Scan (ORT profiler,
 2 threads; benchmarks/RESULTS.md, "Everything mode"). Only mask logits move: the IoU head runs
@@ -77,12 +78,48 @@ def _names_read(graph):
             | {value.name for g in graphs for value in g.output})
 
 
+def _bias_add(graph, matmul, inits, readers):
+    """The Add that only adds a constant (N,) bias to `matmul`'s output, or None.
+
+    Args:
+        graph: the GraphProto holding `matmul`. inits: initializers in scope, by name.
+        readers: name -> how many times any node of the model reads it or a graph returns it.
+    Returns:
+        (add node, bias array) or None.
+    """
+    out = matmul.output[0]
+    if readers.get(out, 0) != 1:
+        return None
+    add = next((n for n in graph.node if n.op_type == "Add" and out in n.input), None)
+    if add is None:
+        return None
+    other = add.input[1] if add.input[0] == out else add.input[0]
+    if other not in inits:
+        return None
+    bias = onnx.numpy_helper.to_array(inits[other])
+    n = onnx.numpy_helper.to_array(inits[matmul.input[1]]).shape[1]
+    return (add, bias) if bias.shape == (n,) else None
+
+
+def _read_counts(graph):
+    """name -> how many times a node of `graph` or of a graph nested in it reads it, or one of
+    those graphs returns it."""
+    counts = {}
+    for g in _graphs_under(graph):
+        for name in [name for n in g.node for name in n.input if name] + [v.name for v in g.output]:
+            counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
 def int8_upscaler(src, out, reduce_range=True):
     """Write a copy of a points decoder whose upscaler GEMMs are DynamicQuantizeMatMul.
 
     The upscaler is the body of the graph's one Scan (see `export_onnx.export_points_decoder`);
-    every MatMul in it (nested graphs included) with a constant 2-D weight is converted. Its
-    bias Add stays a float Add. The float weights are dropped when nothing else reads them.
+    every MatMul in it (nested graphs included) with a constant 2-D weight is converted. A bias
+    Add right after it (a constant of the GEMM's width, nothing else reading the product) goes
+    into the DynamicQuantizeMatMul's bias input: ORT would otherwise fuse that Add with the GELU
+    after it into BiasGelu, measured 1.33 vs 0.68 ms for Gelu alone on a (16384, 128) tensor. The
+    float weights are dropped when nothing else reads them.
 
     Args:
         src: Path of a points_decoder.onnx (the current contract: gate and image-side cache).
@@ -91,7 +128,8 @@ def int8_upscaler(src, out, reduce_range=True):
             x86 CPUs without VNNI cannot saturate; 8-bit otherwise.
 
     Returns:
-        the number of MatMuls converted (2 for vit_t).
+        (converted, biases): how many MatMuls were converted (6 for vit_t) and how many bias Adds
+        went into them.
 
     Raises:
         ValueError: the graph has no Scan, or no constant-weight MatMul inside it.
@@ -102,17 +140,24 @@ def int8_upscaler(src, out, reduce_range=True):
         raise ValueError(f"{src}: expected the points decoder's one per-prompt upscaler Scan, found {len(scans)} Scan nodes")
     qmax = 63 if reduce_range else 127
     outer = {i.name: i for i in model.graph.initializer}
-    converted = 0
+    readers = _read_counts(model.graph)
+    converted, folded = 0, []
     for graph in _graphs_under(_subgraphs(scans[0])[0]):
         inits = {**outer, **{i.name: i for i in graph.initializer}}  # inner names shadow outer ones
         for node in graph.node:
             weight = onnx.numpy_helper.to_array(inits[node.input[1]]) if node.op_type == "MatMul" and node.input[1] in inits else None
             if weight is None or weight.ndim != 2:
                 continue
+            add = _bias_add(graph, node, inits, readers)
+            outputs, bias = (add[0].output, add[1]) if add else (node.output, None)
             # In place: re-adding nodes would copy them and detach the nested graphs still to visit.
             node.CopyFrom(dynamic_quantize_matmul(graph, node.name or node.output[0], node.input[0], weight,
-                                                  node.output, qmax))
+                                                  outputs, qmax, bias))
             converted += 1
+            if add:
+                folded.append((graph, add[0]))
+    for graph, add in reversed(folded):  # after the walk, innermost graphs first: no graph still to visit moves
+        graph.node.remove(add)
     if not converted:
         raise ValueError(f"{src}: no MatMul with a constant weight in the upscaler Scan; is it a tinysam-rt points decoder?")
     read = _names_read(model.graph)
@@ -122,4 +167,4 @@ def int8_upscaler(src, out, reduce_range=True):
         graph.initializer.extend(kept)
     use_contrib_opset(model)
     onnx.save(model, str(out))
-    return converted
+    return converted, len(folded)

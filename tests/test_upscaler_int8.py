@@ -14,8 +14,8 @@ from tinysam_rt.sessions import PointsDecoderSession
 @pytest.fixture(scope="module")
 def int8_points(fp32_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("upscaler") / "points_decoder.onnx"
-    converted = int8_upscaler(fp32_model_dir / "points_decoder.onnx", out)
-    return out, converted
+    converted, biases = int8_upscaler(fp32_model_dir / "points_decoder.onnx", out)
+    return out, converted, biases
 
 
 def test_per_column_int8_scales_each_output_column():
@@ -34,11 +34,16 @@ def _scan_body_ops(path):
 
 
 def test_upscaler_gemms_become_dynamic_quantize_matmul(int8_points, fp32_model_dir):
-    path, converted = int8_points
-    assert converted == 2  # ConvTranspose2d pair as GEMMs (256 -> 4 x 64, 64 -> 4 x 32)
+    path, converted, biases = int8_points
+    # The ConvTranspose2d pair as GEMMs split by kernel row: 2 x (256 -> 2 x 64), 2 x 2 x (64 -> 2 x 32).
+    assert converted == 6 and biases == 6
     model, body = _scan_body_ops(path)
     ops = [n.op_type for n in body]
-    assert ops.count("DynamicQuantizeMatMul") == 2
+    assert ops.count("DynamicQuantizeMatMul") == 6
+    # Each GEMM's bias is inside it: no float Add reads a quantized product.
+    products = {n.output[0] for n in body if n.op_type == "DynamicQuantizeMatMul"}
+    assert not [n for n in body if n.op_type == "Add" and products & set(n.input)]
+    assert all(len(n.input) == 5 for n in body if n.op_type == "DynamicQuantizeMatMul")
     weights = {i.name: i for g in _graphs_under(model.graph) for i in g.initializer}
     # The hypernetwork product (activations on both sides) stays a float MatMul.
     assert all(n.input[1] not in weights for n in body if n.op_type == "MatMul")
@@ -46,7 +51,7 @@ def test_upscaler_gemms_become_dynamic_quantize_matmul(int8_points, fp32_model_d
         if node.op_type == "DynamicQuantizeMatMul":
             q = onnx.numpy_helper.to_array(weights[node.input[1]])
             assert q.dtype == np.int8 and np.abs(q).max() == 63  # 7-bit: no AVX2 pair saturation
-    # The float copies are gone (a (256, 256) and a (64, 128) weight), not kept beside the int8 ones.
+    # The float copies are gone (2 x (256, 128) and 2 x (64, 64) weights), not kept beside the int8 ones.
     fp32_bytes = (fp32_model_dir / "points_decoder.onnx").stat().st_size
     assert fp32_bytes - path.stat().st_size > 3 * (256 * 256 + 64 * 128) * 0.9
     # The main graph's transformer is untouched.
@@ -84,7 +89,7 @@ def test_eight_bit_weights_on_request(fp32_model_dir, tmp_path):
     model, body = _scan_body_ops(out)
     weights = {i.name: i for g in _graphs_under(model.graph) for i in g.initializer}
     peaks = [np.abs(onnx.numpy_helper.to_array(weights[n.input[1]])).max() for n in body if n.op_type == "DynamicQuantizeMatMul"]
-    assert peaks == [127, 127]
+    assert peaks == [127] * 6
 
 
 def test_graph_without_the_upscaler_scan_is_refused(fp32_model_dir, tmp_path):
