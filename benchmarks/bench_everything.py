@@ -263,8 +263,9 @@ class WithoutGate:
     def embed(self, image):
         return self.inner.embed(image)
 
-    def predict_batch(self, point_coords, point_labels, mask_input=None, embedding=None, upscale_iou_threshold=None):
-        return self.inner.predict_batch(point_coords, point_labels, mask_input, embedding)
+    def predict_batch(self, point_coords, point_labels, mask_input=None, embedding=None, upscale_iou_threshold=None,
+                      workers=1):
+        return self.inner.predict_batch(point_coords, point_labels, mask_input, embedding, workers=workers)
 
 
 def grid_best_iou(predictor, image, points_per_side, points_per_batch):

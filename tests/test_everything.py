@@ -291,6 +291,25 @@ def test_batch_size_does_not_change_the_result(region_predictor):
 
 
 @pytest.mark.parametrize("hierarchical", [None, HierarchicalConfig()])
+def test_decoder_workers_change_time_not_results(fp32_model_dir, hierarchical):
+    # Two batches of 16 side by side per call; a 10 x 10 grid ends in a short call of 4 (2 + 2),
+    # which moves logits only by float noise (see the batch-size test below).
+    predictor = TinySAMPredictor(model_dir=fp32_model_dir, threads=2)
+    image = synthetic_image(180, 240, seed=5)
+    config = {**EQUIVALENCE, "points_per_side": 10, "points_per_batch": 16}
+    one, two = (TinySAMAutomaticMaskGenerator(predictor, AmgConfig(**config, decoder_workers=w), hierarchical).run(image)
+                for w in (1, 2))
+    passes = [one.stats.points_run] if hierarchical is None else [one.stats.sparse_points, one.stats.points_run - one.stats.sparse_points]
+    assert one.stats.decoder_calls == sum(-(-n // 16) for n in passes)
+    assert two.stats.decoder_calls == sum(-(-n // 32) for n in passes)
+    assert one.stats.points_run == two.stats.points_run and len(one.records) == len(two.records) > 0
+    for a, b in zip(one.records, two.records):
+        assert a["point_coords"] == b["point_coords"] and a["bbox"] == b["bbox"]
+        assert _iou(a["segmentation"], b["segmentation"]) > 0.999
+        assert a["predicted_iou"] == pytest.approx(b["predicted_iou"], abs=1e-4)
+
+
+@pytest.mark.parametrize("hierarchical", [None, HierarchicalConfig()])
 def test_the_upscaler_gate_changes_work_not_results(tmp_path, region_predictor, hierarchical):
     # Same function behind three decoders: plain, a points decoder with the basic contract (an
     # older export), one that returns zero masks for prompts whose IoUs are all <= the threshold.
@@ -406,6 +425,8 @@ def test_small_region_removal_keeps_clean_masks(region_predictor):
     ("points_per_side", -4, "points_per_side must be an int >= 1, got -4"),
     ("points_per_side", 2.5, "points_per_side must be an int >= 1, got 2.5"),
     ("points_per_batch", 0, "points_per_batch must be an int >= 1, got 0"),
+    ("decoder_workers", 0, "decoder_workers must be an int >= 1, got 0"),
+    ("decoder_workers", 1.5, "decoder_workers must be an int >= 1, got 1.5"),
     ("pred_iou_thresh", 1.5, r"pred_iou_thresh must be a number in \[0, 1\], got 1.5"),
     ("pred_iou_thresh", -0.1, r"pred_iou_thresh must be a number in \[0, 1\], got -0.1"),
     ("stability_score_thresh", 2, r"stability_score_thresh must be a number in \[0, 1\], got 2"),
@@ -508,7 +529,8 @@ def test_cli_everything_writes_overlay_and_coco_rle_json(region_predictor, tmp_p
     write_png(tmp_path / "scene.png", image)
     out = tmp_path / "out"
     model_dir = region_predictor.manifest.model_dir
-    result = _run_cli(tmp_path / "scene.png", "--hierarchical", "--points-per-side", "8", "--model", model_dir, "--out", out)
+    result = _run_cli(tmp_path / "scene.png", "--hierarchical", "--points-per-side", "8", "--decoder-workers", "2",
+                      "--model", model_dir, "--out", out)
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""  # no progress bar when stderr is not a terminal
     report = json.loads((out / "masks.json").read_text())
@@ -533,11 +555,12 @@ def test_cli_everything_defaults_are_the_configs():
     assert (args.pred_iou_thresh, args.stability_score_thresh, args.box_nms_thresh) == (
         config.pred_iou_thresh, config.stability_score_thresh, config.box_nms_thresh)
     assert (args.high_score_thresh, args.dense_points) == (hierarchical.high_score_thresh, hierarchical.dense_points)
-    assert args.min_mask_region_area == config.min_mask_region_area
+    assert (args.min_mask_region_area, args.decoder_workers) == (config.min_mask_region_area, config.decoder_workers)
 
 
 @pytest.mark.parametrize("args, message", [
     (["--points-per-side", "0"], "positive integer"),
+    (["--decoder-workers", "0"], "--decoder-workers.*positive integer"),
     (["--pred-iou-thresh", "1.5"], r"pred-iou-thresh must be a number in \[0, 1\], got 1.5"),
     (["--hierarchical", "--points-per-side", "3"], "hierarchical mode needs points-per-side >= 4"),
     (["--dense-points", "grid"], "--dense-points only applies with --hierarchical"),

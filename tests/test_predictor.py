@@ -97,6 +97,29 @@ def test_predict_batch_matches_single_predicts(predictor):
         assert np.allclose(iou[i], scores, atol=1e-4) and np.abs(low[i] - low_single).max() < 1e-3
 
 
+def test_predict_batch_workers_run_parts_side_by_side_with_the_same_outputs(predictor):
+    embedding = predictor.embed(synthetic_image(240, 320, seed=6))
+    rng = np.random.default_rng(1)
+    coords = np.concatenate([rng.uniform(0, 1000, (10, 1, 2)), np.zeros((10, 1, 2))], axis=1)  # (10, 2, 2)
+    labels = np.tile([1.0, -1.0], (10, 1))
+    parts = [predictor.predict_batch(coords[s], labels[s], embedding=embedding) for s in (slice(0, 4), slice(4, 8), slice(8, 10))]
+    low, iou = predictor.predict_batch(coords, labels, embedding=embedding, workers=3)  # parts of ceil(10 / 3) = 4
+    # Each part equals that part run alone on the predictor's own (2-thread) session: one thread
+    # per run changes how ORT splits work, not what it sums.
+    np.testing.assert_array_equal(low, np.concatenate([p[0] for p in parts]))
+    np.testing.assert_array_equal(iou, np.concatenate([p[1] for p in parts]))
+    # The single-thread sessions are loaded once and kept.
+    single = predictor._decoder.single_threaded()
+    assert single is predictor._decoder.single_threaded() and single is not predictor._decoder
+    assert single.points_decoder._session.get_session_options().intra_op_num_threads == 1
+    # A batch no larger than one part runs as it always did; an error in a part reaches the caller.
+    np.testing.assert_array_equal(predictor.predict_batch(coords[:1], labels[:1], embedding=embedding, workers=4)[0],
+                                  predictor.predict_batch(coords[:1], labels[:1], embedding=embedding)[0])
+    for workers in (0, -2, 1.5, True, "2"):
+        with pytest.raises(ValueError, match=f"workers must be an int >= 1, got {workers!r}"):
+            predictor.predict_batch(coords, labels, embedding=embedding, workers=workers)
+
+
 def test_errors_name_the_problem(fp32_model_dir):
     fresh = TinySAMPredictor(model_dir=fp32_model_dir)
     with pytest.raises(RuntimeError, match="set_image"):

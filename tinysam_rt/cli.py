@@ -186,7 +186,7 @@ def _cmd_everything(args):
         raise UsageError("--dense-points only applies with --hierarchical")
     try:
         config = AmgConfig(points_per_side=args.points_per_side, points_per_batch=args.points_per_batch,
-                           pred_iou_thresh=args.pred_iou_thresh, stability_score_thresh=args.stability_score_thresh,
+                           decoder_workers=args.decoder_workers, pred_iou_thresh=args.pred_iou_thresh, stability_score_thresh=args.stability_score_thresh,
                            box_nms_thresh=args.box_nms_thresh, min_mask_region_area=args.min_mask_region_area,
                            output_mode="coco_rle")
         hierarchical = HierarchicalConfig(high_score_thresh=args.high_score_thresh, dense_points=args.dense_points) \
@@ -234,6 +234,9 @@ def _add_everything(subparsers):
     parser.add_argument("--points-per-side", type=positive_int, default=32, help="grid points per image side")
     parser.add_argument("--points-per-batch", type=positive_int, default=16,
                         help="prompts per decoder run (memory grows with it; see benchmarks/RESULTS.md)")
+    parser.add_argument("--decoder-workers", type=positive_int, default=1, metavar="N",
+                        help="decoder batches run side by side, each on one thread (2 on 2 cores: faster, "
+                             "each batch in flight takes its own decoder memory)")
     parser.add_argument("--pred-iou-thresh", type=_float, default=0.88, help="predicted-IoU filter, in [0, 1]")
     parser.add_argument("--stability-score-thresh", type=_float, default=0.95, help="stability filter, in [0, 1]")
     parser.add_argument("--box-nms-thresh", type=_float, default=0.7, help="box NMS IoU, in [0, 1]")

@@ -1,6 +1,7 @@
 """TinySAMPredictor: set an image once, then prompt it many times. Wiring only, no math."""
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -211,7 +212,8 @@ class TinySAMPredictor:
             masks = masks > self.manifest.mask_threshold
         return masks, scores, low_res
 
-    def predict_batch(self, point_coords, point_labels, mask_input=None, embedding=None, upscale_iou_threshold=None):
+    def predict_batch(self, point_coords, point_labels, mask_input=None, embedding=None, upscale_iou_threshold=None,
+                      workers=1):
         """B prompts, in the 1024 frame, without upsampling.
 
         Any B works: the decoder runs on at most `MAX_DECODER_BATCH` prompts at a time, so its
@@ -227,6 +229,11 @@ class TinySAMPredictor:
             upscale_iou_threshold: None (every mask), or a float t for callers that keep only
                 masks with predicted IoU > t (everything mode): prompts whose 3 IoUs are all <= t
                 may then get zero logits, as the points decoder skips their mask upscaler.
+            workers: int >= 1. With more than 1, the B prompts run as up to `workers` parts of
+                ceil(B / workers) side by side, each on a single-thread session of the decoder
+                (loaded on first use: a second copy of the decoder weights). Faster on 2+ cores
+                for large batches; each part in flight takes its own working memory. Outputs
+                equal those of running each part alone.
 
         Returns:
             low_res_logits (B, 3, 256, 256) float32, iou_predictions (B, 3) float32.
@@ -234,10 +241,13 @@ class TinySAMPredictor:
         embedding = self._require_embedding() if embedding is None else self._check_embedding(embedding)
         long_side = self.manifest.preprocess.image_size
         gate = prompts.validate_iou_threshold(upscale_iou_threshold)
+        if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or workers < 1:
+            raise ValueError(f"workers must be an int >= 1, got {workers!r}")
         try:
             coords, labels, mask, has_mask = prompts.validate_batch(point_coords, point_labels, mask_input, long_side)
             batch = len(coords)
-            if batch <= MAX_DECODER_BATCH:
+            part_size = min(MAX_DECODER_BATCH, -(-batch // int(workers)))
+            if batch <= part_size:
                 return self._decoder.run(embedding.features, coords, labels, mask, has_mask, gate,
                                          embedding.decoder_cache)
             low_res = np.empty((batch, 3, prompts.LOW_RES, prompts.LOW_RES), np.float32)  # (B, 3, 256, 256)
@@ -248,8 +258,17 @@ class TinySAMPredictor:
                 f"{batch * 3 * prompts.LOW_RES**2 * 4 / 2**30:.1f} GiB: pass them in smaller batches"
             ) from None
         iou = np.empty((batch, 3), np.float32)
-        for start in range(0, batch, MAX_DECODER_BATCH):
-            part = slice(start, start + MAX_DECODER_BATCH)
-            low_res[part], iou[part] = self._decoder.run(embedding.features, coords[part], labels[part],
-                                                         mask[part], has_mask[part], gate, embedding.decoder_cache)
+        parts = [slice(start, start + part_size) for start in range(0, batch, part_size)]
+        decoder = self._decoder if workers == 1 else self._decoder.single_threaded()
+
+        def run(part):
+            low_res[part], iou[part] = decoder.run(embedding.features, coords[part], labels[part], mask[part],
+                                                   has_mask[part], gate, embedding.decoder_cache)
+
+        if workers == 1:
+            for part in parts:
+                run(part)
+        else:
+            with ThreadPoolExecutor(min(int(workers), len(parts))) as pool:
+                list(pool.map(run, parts))  # list(): a part's exception is raised here
         return low_res, iou

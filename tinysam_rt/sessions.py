@@ -7,6 +7,7 @@ picks between the two decoders. ORT's `run` is thread-safe, so one session may s
 """
 
 import logging
+import threading
 
 import numpy as np
 import onnxruntime as ort
@@ -245,6 +246,27 @@ class PromptDecoder:
         """
         self.decoder = decoder
         self.points_decoder = points_decoder
+        self._single_threaded = None
+        self._lock = threading.Lock()
+
+    def single_threaded(self):
+        """This decoder's graphs again, each in a session with one intra-op thread; loaded on the
+        first call (once, even from several threads), then kept.
+
+        For running several decoder calls side by side, one per calling thread (ORT's `run` is
+        thread-safe; with one intra-op thread a run stays on its caller's thread). Measured on
+        2 cores: two everything-mode batches side by side beat one 2-thread session running them
+        in turn (benchmarks/RESULTS.md, "Decoder workers"), as most of the decoder's ops are too
+        small to split well over threads. Costs a second copy of the decoder weights.
+        """
+        with self._lock:
+            if self._single_threaded is None:
+                points = self.points_decoder
+                self._single_threaded = PromptDecoder(
+                    DecoderSession(self.decoder.graph, threads=1),
+                    None if points is None else PointsDecoderSession(points.graph, threads=1),
+                )
+            return self._single_threaded
 
     def run(self, image_embeddings, point_coords, point_labels, mask_input, has_mask_input,
             upscale_iou_threshold=None, cache=None):
