@@ -32,6 +32,7 @@ Not a test: nothing here asserts speed.
 
 import argparse
 import collections
+import dataclasses
 import json
 import math
 import subprocess
@@ -205,38 +206,50 @@ def _run_official_tinysam(repo, manifest, image, points_per_side):
             "masks": len(records), "runqueue_wait_s": sysinfo.runqueue_wait_s() - wait0}
 
 
-def _run_ours_round(predictor, plain, int8, image, configs, results):
+def _run_ours_round(predictor, plain, int8, image, configs, results, decoder_workers=1):
     """One run of each of our strategies, appended to `results[mode]`."""
     for config, hierarchical in configs:
         entry = _run_ours(predictor, image, config, hierarchical)
         results[entry["mode"]].append(entry)
+    standard = configs[0][0]
     extra = []
     if predictor.skips_low_iou_upscaling:
-        extra.append(("standard, upscaler gate off", WithoutGate(predictor)))
+        extra.append(("standard, upscaler gate off", WithoutGate(predictor), standard))
     if predictor._decoder.points_decoder is not None:
-        extra.append(("standard, plain decoder graph", plain))
+        extra.append(("standard, plain decoder graph", plain, standard))
     if int8 is not None:
-        extra += [("standard, INT8 model", int8), ("standard, INT8 model, upscaler gate off", WithoutGate(int8))]
-    for name, runner in extra:
-        entry = _run_ours(runner, image, configs[0][0], None)
+        extra += [("standard, INT8 model", int8, standard),
+                  ("standard, INT8 model, upscaler gate off", WithoutGate(int8), standard)]
+    if decoder_workers > 1:  # opt-in: AmgConfig.decoder_workers
+        workers = dataclasses.replace(standard, decoder_workers=decoder_workers)
+        suffix = f", {decoder_workers} decoder workers"
+        extra.append(("standard, upscaler gate off" + suffix, WithoutGate(predictor), workers))
+        if int8 is not None:
+            extra.append(("standard, INT8 model, upscaler gate off" + suffix, WithoutGate(int8), workers))
+    for name, runner, config in extra:
+        entry = _run_ours(runner, image, config, None)
         entry["mode"] = name
         results[name].append(entry)
 
 
 def bench_modes(predictor, image, points_per_side, points_per_batch, runs, torch_model, tinysam_repo=None, int8=None,
-                reference_runs=1):
+                reference_runs=1, decoder_workers=1):
     configs = [
         (AmgConfig(points_per_side=points_per_side, points_per_batch=points_per_batch), None),
         (AmgConfig(points_per_side=points_per_side, points_per_batch=points_per_batch), HierarchicalConfig()),
         (AmgConfig(points_per_side=points_per_side, points_per_batch=points_per_batch), HierarchicalConfig(dense_points="grid")),
     ]
+    if decoder_workers > 1:  # load the single-thread sessions now, as the predictors' own were before timing
+        for runner in (predictor, int8):
+            if runner is not None:
+                runner._decoder.single_threaded()
     # The same predictor on the plain decoder graph alone (a model directory without a points decoder).
     plain = predictor.clone()
     plain._decoder = PromptDecoder(predictor._decoder.decoder)
     results = collections.defaultdict(list)
     for round_index in range(max(runs, reference_runs)):  # interleaved: load drift lands on all alike
         if round_index < runs:
-            _run_ours_round(predictor, plain, int8, image, configs, results)
+            _run_ours_round(predictor, plain, int8, image, configs, results, decoder_workers)
         if round_index < reference_runs:  # the eager references vary by a quarter run to run
             if torch_model is not None:
                 entry = _run_sam(torch_model, image, points_per_side, points_per_batch)
@@ -629,6 +642,17 @@ def findings(report):
                      f"against a logit spread (std) of {quantized['logit_std']:.2f}: these random weights put much of "
                      "every mask near the 0 threshold, which a real checkpoint's masks may not (not measurable here).")
         lines.append(text)
+    workers = report.get("settings", {}).get("decoder_workers", 1)
+    suffix = f", {workers} decoder workers"
+    pairs = [(name, modes.get(name), modes.get(name + suffix)) for name in
+             ("standard, upscaler gate off", "standard, INT8 model, upscaler gate off")]
+    pairs = [(name, one, many) for name, one, many in pairs if one and many]
+    if pairs:
+        lines.append(f"- {workers} decoder workers (opt-in `AmgConfig.decoder_workers` / `--decoder-workers`: "
+                     f"{workers} batches side by side, each on a single-thread session), every mask computed: " + "; ".join(
+                         f"{'INT8' if 'INT8' in name else 'FP32'} {many['p50_s']:.1f} vs {one['p50_s']:.1f} s "
+                         f"({one['p50_s'] / many['p50_s']:.2f}x), {reference_s / many['p50_s']:.1f}x the TinySAM run"
+                         for name, one, many in pairs) + ".")
     if agreement:
         lines.append(f"- Points decoder vs plain decoder on {agreement['batch']} everything-mode prompts: max |logit "
                      f"diff| {agreement['max_abs_logit_diff']:.1e}, max |IoU diff| {agreement['max_abs_iou_diff']:.1e}, "
@@ -737,6 +761,9 @@ def main(argv=None):
                         help="timed runs of eager SAM and the official TinySAM generator (modes part)")
     parser.add_argument("--points-per-side", type=int, default=32)
     parser.add_argument("--points-per-batch", type=int, default=AmgConfig().points_per_batch)
+    parser.add_argument("--decoder-workers", type=int, default=2, metavar="N",
+                        help="modes part: also run the ungated standard strategies with AmgConfig.decoder_workers=N "
+                             "(1: not)")
     parser.add_argument("--parts", default="decoder,modes,skip,gate,rss,profile,stability,agreement")
     parser.add_argument("--tinysam-repo", type=Path, help="checkout of xinghaochen/TinySAM: also time its eager "
                         "hierarchical generator (modes part)")
@@ -764,7 +791,8 @@ def main(argv=None):
     report = {"command": "python benchmarks/bench_everything.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "started_at": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "system": system,
               "settings": {"runs": args.runs, "threads": args.threads, "points_per_side": args.points_per_side,
-                           "points_per_batch": args.points_per_batch, "image": args.image.name,
+                           "points_per_batch": args.points_per_batch, "decoder_workers": args.decoder_workers,
+                           "image": args.image.name,
                            "image_size": list(image.shape[:2])}}
     predictor = TinySAMPredictor(model_dir=args.model, threads=args.threads, cache_size=0)
     int8 = None if args.int8 is None else TinySAMPredictor(model_dir=args.int8, threads=args.threads, cache_size=0)
@@ -788,7 +816,8 @@ def main(argv=None):
             torch.set_num_threads(args.threads)
             torch_model = build_tinysam(checkpoint=None, seed=_random_seed(predictor.manifest))
         report["modes"] = bench_modes(predictor, image, args.points_per_side, args.points_per_batch,
-                                      args.mode_runs, torch_model, args.tinysam_repo, int8, args.reference_runs)
+                                      args.mode_runs, torch_model, args.tinysam_repo, int8, args.reference_runs,
+                                      args.decoder_workers)
         save()
     if "skip" in parts:
         report["skip"] = bench_skip(predictor, image, args.points_per_side, args.points_per_batch)
