@@ -186,9 +186,9 @@ def _cmd_everything(args):
         raise UsageError("--dense-points only applies with --hierarchical")
     try:
         config = AmgConfig(points_per_side=args.points_per_side, points_per_batch=args.points_per_batch,
-                           decoder_workers=args.decoder_workers, pred_iou_thresh=args.pred_iou_thresh, stability_score_thresh=args.stability_score_thresh,
-                           box_nms_thresh=args.box_nms_thresh, min_mask_region_area=args.min_mask_region_area,
-                           output_mode="coco_rle")
+                           decoder_workers=args.decoder_workers, pred_iou_thresh=args.pred_iou_thresh,
+                           stability_score_thresh=args.stability_score_thresh, box_nms_thresh=args.box_nms_thresh,
+                           min_mask_region_area=args.min_mask_region_area, output_mode="coco_rle")
         hierarchical = HierarchicalConfig(high_score_thresh=args.high_score_thresh, dense_points=args.dense_points) \
             if args.hierarchical else None
         check_configs(config, hierarchical)  # flag combinations, before anything is loaded
