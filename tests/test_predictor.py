@@ -111,7 +111,10 @@ def test_predict_batch_workers_run_parts_side_by_side_with_the_same_outputs(pred
     # The single-thread sessions are loaded once and kept.
     single = predictor._decoder.single_threaded()
     assert single is predictor._decoder.single_threaded() and single is not predictor._decoder
-    assert single.points_decoder._session.get_session_options().intra_op_num_threads == 1
+    assert single.points_decoder.intra_op_threads == single.decoder.intra_op_threads == 1
+    # A predictor whose sessions already have one thread runs its parts on them: no second copy.
+    one_thread = TinySAMPredictor(model_dir=predictor.manifest.model_dir, threads=1)
+    assert one_thread._decoder.single_threaded() is one_thread._decoder
     # A batch no larger than one part runs as it always did; an error in a part reaches the caller.
     np.testing.assert_array_equal(predictor.predict_batch(coords[:1], labels[:1], embedding=embedding, workers=4)[0],
                                   predictor.predict_batch(coords[:1], labels[:1], embedding=embedding)[0])

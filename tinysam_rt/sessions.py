@@ -110,6 +110,11 @@ class _GraphSession:
         self.output_names = [name for name, _ in self.expected_outputs]
         logger.debug("loaded %s %s (%s)", self.role, graph.path, graph.precision)
 
+    @property
+    def intra_op_threads(self):
+        """The session's intra-op thread count (0: ORT's default, one per physical core)."""
+        return self._session.get_session_options().intra_op_num_threads
+
     def _contract(self, graph):
         """The (inputs, outputs) contract `graph` is held to (one per role, but the points decoder's two)."""
         return self.expected_inputs, self.expected_outputs
@@ -256,10 +261,14 @@ class PromptDecoder:
         For running several decoder calls side by side, one per calling thread (ORT's `run` is
         thread-safe; with one intra-op thread a run stays on its caller's thread). Measured on
         2 cores: two everything-mode batches side by side beat one 2-thread session running them
-        in turn (benchmarks/RESULTS.md, "Decoder workers"), as most of the decoder's ops are too
-        small to split well over threads. Costs a second copy of the decoder weights.
+        in turn (1.02x-1.25x; benchmarks/RESULTS.md, "Everything mode, session 7"), as most of the
+        decoder's ops are too small to split well over threads. Costs a second copy of the decoder
+        weights, unless this decoder's sessions have one thread already (then it is returned).
         """
         with self._lock:
+            sessions = [s for s in (self.decoder, self.points_decoder) if s is not None]
+            if self._single_threaded is None and all(s.intra_op_threads == 1 for s in sessions):
+                self._single_threaded = self  # already one thread per run: no second copy
             if self._single_threaded is None:
                 points = self.points_decoder
                 self._single_threaded = PromptDecoder(
