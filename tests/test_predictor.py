@@ -97,7 +97,7 @@ def test_predict_batch_matches_single_predicts(predictor):
         assert np.allclose(iou[i], scores, atol=1e-4) and np.abs(low[i] - low_single).max() < 1e-3
 
 
-def test_predict_batch_workers_run_parts_side_by_side_with_the_same_outputs(predictor):
+def test_predict_batch_workers_run_parts_side_by_side_with_the_same_outputs(predictor, monkeypatch):
     embedding = predictor.embed(synthetic_image(240, 320, seed=6))
     rng = np.random.default_rng(1)
     coords = np.concatenate([rng.uniform(0, 1000, (10, 1, 2)), np.zeros((10, 1, 2))], axis=1)  # (10, 2, 2)
@@ -115,9 +115,20 @@ def test_predict_batch_workers_run_parts_side_by_side_with_the_same_outputs(pred
     # A predictor whose sessions already have one thread runs its parts on them: no second copy.
     one_thread = TinySAMPredictor(model_dir=predictor.manifest.model_dir, threads=1)
     assert one_thread._decoder.single_threaded() is one_thread._decoder
-    # A batch no larger than one part runs as it always did; an error in a part reaches the caller.
+    # A batch no larger than one part runs as it always did.
     np.testing.assert_array_equal(predictor.predict_batch(coords[:1], labels[:1], embedding=embedding, workers=4)[0],
                                   predictor.predict_batch(coords[:1], labels[:1], embedding=embedding)[0])
+    # An error in one part reaches the caller.
+    run = single.run
+
+    def failing_last_part(features, part_coords, *args):
+        if len(part_coords) == 2:
+            raise RuntimeError("part failed")
+        return run(features, part_coords, *args)
+
+    monkeypatch.setattr(single, "run", failing_last_part)
+    with pytest.raises(RuntimeError, match="part failed"):
+        predictor.predict_batch(coords, labels, embedding=embedding, workers=3)
     for workers in (0, -2, 1.5, True, "2"):
         with pytest.raises(ValueError, match=f"workers must be an int >= 1, got {workers!r}"):
             predictor.predict_batch(coords, labels, embedding=embedding, workers=workers)
