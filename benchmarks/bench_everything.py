@@ -27,6 +27,8 @@ decoder part (image side cached) and the profile part, its standard run (gate on
 the modes part, and the agreement part compares its masks with the FP32 points decoder's.
 `--reference-runs N` repeats eager SAM and the official TinySAM generator, one of each per round
 of our strategies.
+`--decoder-workers N` (default 2) adds the standard runs with every mask computed on
+`AmgConfig(decoder_workers=N)` to the modes part (1: not).
 Not a test: nothing here asserts speed.
 """
 
@@ -470,7 +472,7 @@ def bench_profile(model_dir, threads, image, batch=64, runs=3, int8_dir=None):
         total = sum(by_op.values())
         name = graph.role if graph is not extra else f"{graph.role} ({graph.precision})"
         out[name] = {"ms_per_prompt": total / 1e3 / (runs + 1) / batch,
-                           "shares": {k: v / total for k, v in by_op.most_common(10)}}
+                     "shares": {k: v / total for k, v in by_op.most_common(10)}}
     return {"batch": batch, "runs": runs + 1, "graphs": out}
 
 

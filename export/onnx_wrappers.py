@@ -185,23 +185,22 @@ class UpscalerGemms(nn.Module):
     the 4 (i1, i2) products holds whole mask rows 4h + 2 i1 + i2, each already in x order
     (x = 4w + 2 j1 + j2), and one Concat places them. Unsplit, the masks come out in block order
     and need an 8-D transpose that moves 2-float runs (measured 0.66-0.87 ms per prompt, 2 cores).
-    Weights and biases are buffers, so the graph holds them as initializers: the INT8 upscaler
-    (`upscaler_int8.int8_upscaler`) finds each GEMM's weight and bias there.
+    The GEMM weights and biases are buffers (rearranged once here), so the graph holds them as
+    initializers: the INT8 upscaler (`upscaler_int8.int8_upscaler`) finds each GEMM's weight and bias there.
     """
 
     def __init__(self, mask_decoder, size):
         super().__init__()
         conv1, norm, _, conv2, _ = mask_decoder.output_upscaling
         self.size = tuple(size)  # (H, W) of the embedding grid, (64, 64)
-        self.c1, self.c2, self.eps = conv1.out_channels, conv2.out_channels, norm.eps  # 64, 32
+        self.c1, self.c2 = conv1.out_channels, conv2.out_channels  # 64, 32
+        self.norm = norm  # LayerNorm2d, used as a LayerNorm over the channels-last axis
         with torch.no_grad():
             for i in range(2):  # kernel row i: weight[:, :, i, :] is (C_in, C_out, j) -> (C_in, (j, C_out))
                 self.register_buffer(f"w1_{i}", conv1.weight[:, :, i, :].permute(0, 2, 1).reshape(conv1.in_channels, -1).clone())
                 self.register_buffer(f"w2_{i}", conv2.weight[:, :, i, :].permute(0, 2, 1).reshape(conv2.in_channels, -1).clone())
             self.register_buffer("b1", conv1.bias.repeat(2).clone())  # ((j1, c1),)
             self.register_buffer("b2", conv2.bias.repeat(2).clone())  # ((j2, c2),)
-            self.register_buffer("norm_weight", norm.weight.clone())
-            self.register_buffer("norm_bias", norm.bias.clone())
 
     def forward(self, src, hyper_in):
         """Mask logits of the M kept tokens.
@@ -217,7 +216,7 @@ class UpscalerGemms(nn.Module):
         rows = []  # (B, M, H, 1, 4W) for (i1, i2) = (0, 0), (0, 1), (1, 0), (1, 1)
         for w1 in (self.w1_0, self.w1_1):
             y = (src @ w1 + self.b1).reshape(-1, self.c1)  # (B*HW*2, c1), rows (b, h, w, j1)
-            y = F.gelu(F.layer_norm(y, (self.c1,), self.norm_weight, self.norm_bias, self.eps))
+            y = F.gelu(F.layer_norm(y, (self.c1,), self.norm.weight, self.norm.bias, self.norm.eps))
             for w2 in (self.w2_0, self.w2_1):
                 z = F.gelu(y @ w2 + self.b2).reshape(b, -1, self.c2)  # (B, HW*4, c2), rows (h, w, j1, j2)
                 rows.append((hyper_in @ z.transpose(1, 2)).reshape(b, m, h, 1, 4 * w))

@@ -24,7 +24,7 @@ Recipe (every choice measured; numbers and the commands in benchmarks/RESULTS.md
    Static Q/DQ stays where the search kept it (Conv, attention MatMul); the manifest names the
    result: int8-static-qdq, int8-hybrid, or int8-dynamic when no static Q/DQ is left.
 5. Optionally (`upscaler="int8"`, CLI `--upscaler int8`) the points decoder's per-prompt mask
-   upscaler GEMMs are quantized per call too (`upscaler_int8`): ~18 % less decoder time per
+   upscaler GEMMs are quantized per call too (`upscaler_int8`): 12-19 % less decoder time per
    prompt in everything mode; masks move, predicted IoUs do not.
 6. Accuracy gate on held-out photos + synthetic images against FP32, beside a
    `quantize_dynamic` baseline; output written only if the gate holds (atomic directory).
@@ -111,8 +111,8 @@ class QuantizeConfig:
     # QGemm with VNNI and as fast on AVX2 (benchmarks/RESULTS.md, "AVX2 code path").
     linear: str = "auto"
     # The points decoder's mask upscaler (kept beside an FP32 decoder, i.e. only="encoder"):
-    # "fp32" copies it; "int8" makes its two per-prompt GEMMs DynamicQuantizeMatMul (7-bit per
-    # column with reduce_range): everything mode ~18 % faster when every mask is computed, at a
+    # "fp32" copies it; "int8" makes its per-prompt GEMMs DynamicQuantizeMatMul (7-bit per
+    # column with reduce_range): everything mode 1.13x-1.26x faster when every mask is computed, at a
     # measured mask cost the gate sees (benchmarks/RESULTS.md, "Everything mode"). Opt-in: on
     # random weights its mask IoU cannot be judged for real checkpoints.
     upscaler: str = "fp32"

@@ -44,6 +44,9 @@ def test_upscaler_gemms_become_dynamic_quantize_matmul(int8_points, fp32_model_d
     products = {n.output[0] for n in body if n.op_type == "DynamicQuantizeMatMul"}
     assert not [n for n in body if n.op_type == "Add" and products & set(n.input)]
     assert all(len(n.input) == 5 for n in body if n.op_type == "DynamicQuantizeMatMul")
+    # 4 float weights (2 kernel rows of each conv), each quantized once: the second conv's halves
+    # serve 2 GEMMs each.
+    assert len({n.input[1] for n in body if n.op_type == "DynamicQuantizeMatMul"}) == 4
     weights = {i.name: i for g in _graphs_under(model.graph) for i in g.initializer}
     # The hypernetwork product (activations on both sides) stays a float MatMul.
     assert all(n.input[1] not in weights for n in body if n.op_type == "MatMul")

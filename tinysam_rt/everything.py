@@ -219,7 +219,8 @@ class TinySAMAutomaticMaskGenerator:
     def __init__(self, predictor, config=None, hierarchical=None):
         """
         Args:
-            predictor: a TinySAMPredictor (anything with `embed`, `predict_batch` and a `manifest`).
+            predictor: a TinySAMPredictor (anything with `embed`, `predict_batch` and a `manifest`;
+                its `predict_batch` is passed `workers=` only when config.decoder_workers > 1).
             config: AmgConfig; default AmgConfig().
             hierarchical: HierarchicalConfig to use TinySAM's hierarchical strategy, or None.
         """
