@@ -387,6 +387,109 @@ def test_dynamic_linear_converts_gemms_kept_float_with_compact_weights(tmp_path)
     np.testing.assert_allclose(_run(out, feeds[0]), _run(src, feeds[0]), rtol=0, atol=0.05)
 
 
+def _two_gemms(tmp_path):
+    """x -> g0 -> g1 -> y, two Gemms with bias (32 wide, 64 rows), and 4 feeds whose x has one
+    spike of 1000: quantizing g0's input per call ruins every other row (its weight row 0 is
+    zero, so the spike does not reach g1, whose per-call input is fine)."""
+    rng = np.random.default_rng(1)
+    w0 = rng.normal(size=(32, 32)).astype(np.float32) / 6
+    w0[0] = 0.0
+    w1 = rng.normal(size=(32, 32)).astype(np.float32) / 6
+    nodes = [onnx.helper.make_node("Gemm", ["x", "w0", "b0"], ["h"], name="g0"),
+             onnx.helper.make_node("Gemm", ["h", "w1", "b1"], ["y"], name="g1")]
+    graph = onnx.helper.make_graph(
+        nodes, "two_gemms", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [64, 32])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [64, 32])],
+        [onnx.numpy_helper.from_array(w0, "w0"), onnx.numpy_helper.from_array(w1, "w1"),
+         onnx.numpy_helper.from_array(rng.normal(size=32).astype(np.float32), "b0"),
+         onnx.numpy_helper.from_array(rng.normal(size=32).astype(np.float32), "b1")])
+    src = tmp_path / "two_gemms.onnx"
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), src)
+    feeds = []
+    for _ in range(4):
+        x = rng.normal(size=(64, 32)).astype(np.float32)
+        x[0, 0] = 1000.0
+        feeds.append({"x": x})
+    return src, feeds
+
+
+def test_dynamic_linear_keeps_named_gemms_float_with_float16_weights(tmp_path):
+    src, feeds = _two_gemms(tmp_path)
+    prepared = quantize.prepare_graph(src, tmp_path / "two.prepared.onnx")
+    out, converted = quantize.dynamic_linear(prepared, prepared, (), tmp_path / "dyn.onnx", keep_float={"g0"})
+    nodes = _ops(out)
+    assert converted == 1 and nodes["g0"].op_type == "Gemm" and nodes["g1"].op_type == "DynamicQuantizeMatMul"
+    assert nodes["w0_f16_Cast"].op_type == "Cast"  # float16 storage, folded by ORT at load
+    stored = {i.name: i.data_type for i in onnx.load(str(out)).graph.initializer}
+    assert stored["w0_f16"] == onnx.TensorProto.FLOAT16 and "w0" not in stored
+    # g0 in float (float16 weights) keeps the spiked rows right; all per call ruins them
+    every = quantize.dynamic_linear(prepared, prepared, (), tmp_path / "all.onnx")[0]
+    want = _run(src, feeds[0])
+    assert _row_error(_run(out, feeds[0]), want) < 0.1 * _row_error(_run(every, feeds[0]), want)
+
+
+def test_gemm_macs_reads_rows_from_inferred_shapes(tmp_path):
+    src, _ = _two_gemms(tmp_path)
+    prepared = quantize.prepare_graph(src, tmp_path / "two.prepared.onnx")
+    assert quantize.gemm_macs(prepared) == {"g0": 64 * 32 * 32, "g1": 64 * 32 * 32}
+
+
+def test_search_keeps_the_gemm_that_per_call_quantization_ruins_in_float(tmp_path):
+    src, feeds = _two_gemms(tmp_path)
+    prepared = quantize.prepare_graph(src, tmp_path / "two.prepared.onnx")
+    reader = calibration.FeedReader(len(feeds), feeds.__getitem__)
+    scorer = _RelativeError(src, feeds, budget=0.01)
+    messages = []
+    config = quantize.QuantizeConfig(method="minmax", linear="dynamic")
+    path, recipe = quantize.search_graph("decoder", prepared, reader, scorer, config, tmp_path, messages.append)
+    assert recipe["budget_used_by_linear"]["dynamic"] > 1  # every Gemm per call misses the budget
+    assert recipe["float_gemms"] == ["g0"] and "g0" in recipe["excluded_nodes"]
+    assert list(recipe["dynamic_sensitivity_top"]) == ["g0", "g1"]  # kept in order of error per MAC
+    assert recipe["budget_used"] == recipe["budget_used_by_linear"]["dynamic_with_float_gemms"] <= 1
+    ops = _ops(path)
+    assert ops["g0"].op_type == "Gemm" and ops["g1"].op_type == "DynamicQuantizeMatMul"
+    assert any("error of 2 Gemms, one at a time" in m for m in messages)
+    # with no node allowed in float the per-call graph stays as it is, over budget
+    capped = quantize.QuantizeConfig(method="minmax", linear="dynamic", max_excluded=0)
+    (tmp_path / "capped").mkdir()
+    _, recipe = quantize.search_graph("decoder", prepared, reader, scorer, capped, tmp_path / "capped", lambda m: None)
+    assert recipe["float_gemms"] == [] and recipe["budget_used"] > 1
+
+
+class _ScriptedBudget:
+    """A scorer whose one-at-a-time error is given per Gemm and whose budget use follows a script
+    (what a noisy calibration metric may do)."""
+
+    def __init__(self, errors, budgets):
+        self.errors, self.budgets, self.calls = errors, list(budgets), 0
+
+    def error(self, path):
+        (name,) = [n.name for n in onnx.load(str(path)).graph.node if n.op_type == "DynamicQuantizeMatMul"]
+        return self.errors[name]
+
+    def budget(self, path):
+        self.calls += 1
+        return self.budgets.pop(0)
+
+
+def test_dynamic_gemm_search_stops_when_a_step_does_not_help(tmp_path):
+    src, _ = _two_gemms(tmp_path)
+    prepared = quantize.prepare_graph(src, tmp_path / "two.prepared.onnx")
+    config = quantize.QuantizeConfig(linear="dynamic")
+    start = (tmp_path / "start.onnx", 2.0)
+    # equal MACs: ranked by error alone, g1 first
+    scorer = _ScriptedBudget({"g0": 1e-4, "g1": 3e-4}, [2.1])  # keeping g1 float made it worse
+    path, used, kept, errors = quantize.search_dynamic_gemms("decoder", prepared, prepared, (), scorer, config,
+                                                             tmp_path, lambda m: None, start, 2)
+    assert (path, used, kept) == (start[0], 2.0, []) and scorer.calls == 1
+    assert list(errors) == ["g1", "g0"]
+    scorer = _ScriptedBudget({"g0": 1e-4, "g1": 3e-4}, [1.5, 1.6])  # better, then worse: keep the better
+    path, used, kept, _ = quantize.search_dynamic_gemms("decoder", prepared, prepared, (), scorer, config,
+                                                        tmp_path, lambda m: None, start, 2)
+    assert used == 1.5 and kept == ["g1"] and _ops(path)["g1"].op_type == "Gemm"
+    assert _ops(path)["g0"].op_type == "DynamicQuantizeMatMul"
+
+
 @pytest.mark.parametrize("linear, want", [("static", "static"), ("dynamic", "dynamic"), ("auto", "dynamic")])
 def test_search_tries_gemms_quantized_per_call(tmp_path, linear, want):
     """The chain's Gemm reads no spike, so per-call quantization stays within budget and "auto"
@@ -424,6 +527,18 @@ def test_check_config_names_the_field():
         quantize.check_config(quantize.QuantizeConfig(upscaler="int4"))
     with pytest.raises(ValueError, match=r"kept only with only='encoder' .*got only='both'"):
         quantize.check_config(quantize.QuantizeConfig(upscaler="int8", only="both"))
+    for share in (0.0, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="calibration_share must be in"):
+            quantize.check_config(quantize.QuantizeConfig(calibration_share=share))
+
+
+def test_cli_bad_calibration_share_is_a_usage_error(fp32_model_dir, calib_dir, tmp_path, capsys):
+    code = cli.main(["quantize", "--model", str(fp32_model_dir), "--calib", str(calib_dir), "--out",
+                     str(tmp_path / "out"), "--calibration-share", "1.2"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "calibration_share must be in (0, 1], got 1.2" in err
+    assert not (tmp_path / "out").exists()
 
 
 # -- end to end -------------------------------------------------------------------------------------

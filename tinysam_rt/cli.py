@@ -303,7 +303,7 @@ def _cmd_quantize(args):
     config = QuantizeConfig(method=args.method, only=args.only, min_images=args.min_images, holdout=args.holdout,
                             synthetic=args.synthetic, gate=not args.no_gate, max_excluded=args.max_excluded,
                             reduce_range=not args.no_reduce_range, linear=args.linear, upscaler=args.upscaler,
-                            seed=args.seed, threads=args.threads,
+                            seed=args.seed, threads=args.threads, calibration_share=args.calibration_share,
                             sampling=PromptSampling())
     try:
         check_config(config)
@@ -348,6 +348,9 @@ def _add_quantize(subparsers):
     parser.add_argument("--no-gate", action="store_true", help="write the model even if the accuracy gate fails")
     parser.add_argument("--max-excluded", type=int, default=32, metavar="N",
                         help="most nodes per graph the sensitivity search may keep in float (0: none)")
+    parser.add_argument("--calibration-share", type=float, default=0.5, metavar="S",
+                        help="share (0..1] of the gate's error budgets the search may use on the calibration "
+                             "images; the rest is margin for images it has not seen")
     parser.add_argument("--no-reduce-range", action="store_true",
                         help="8-bit instead of 7-bit weights (only safe on CPUs with VNNI)")
     parser.add_argument("--linear", choices=("auto", "static", "dynamic"), default="auto",
