@@ -413,15 +413,24 @@ def _two_gemms(tmp_path):
     return src, feeds
 
 
-def test_dynamic_linear_keeps_named_gemms_float_with_float16_weights(tmp_path):
+@pytest.mark.parametrize("compact_source", [False, True])
+def test_dynamic_linear_keeps_named_gemms_float_with_float16_weights(tmp_path, compact_source):
+    """A Gemm kept float gets float16 weights + Cast (ORT folds the Cast at load: a float Gemm),
+    also when the source graph stored its weights as int8 + DequantizeLinear (weight-only int8)."""
     src, feeds = _two_gemms(tmp_path)
     prepared = quantize.prepare_graph(src, tmp_path / "two.prepared.onnx")
-    out, converted = quantize.dynamic_linear(prepared, prepared, (), tmp_path / "dyn.onnx", keep_float={"g0"})
+    source = prepared
+    if compact_source:
+        source = tmp_path / "compact.onnx"
+        quantize.store_weights_compact(prepared, ["g0"], source)
+        assert _ops(source)["w0_w8_DequantizeLinear"].op_type == "DequantizeLinear"
+    out, converted = quantize.dynamic_linear(source, prepared, (), tmp_path / "dyn.onnx", keep_float={"g0"})
     nodes = _ops(out)
     assert converted == 1 and nodes["g0"].op_type == "Gemm" and nodes["g1"].op_type == "DynamicQuantizeMatMul"
-    assert nodes["w0_f16_Cast"].op_type == "Cast"  # float16 storage, folded by ORT at load
+    assert nodes["g0"].input[1] == "g0_float_1" and nodes["g0_float_1_f16_Cast"].op_type == "Cast"
+    assert not any(n.op_type == "DequantizeLinear" for n in nodes.values())
     stored = {i.name: i.data_type for i in onnx.load(str(out)).graph.initializer}
-    assert stored["w0_f16"] == onnx.TensorProto.FLOAT16 and "w0" not in stored
+    assert stored["g0_float_1_f16"] == onnx.TensorProto.FLOAT16 and stored["g0_float_2"] == onnx.TensorProto.FLOAT
     # g0 in float (float16 weights) keeps the spiked rows right; all per call ruins them
     every = quantize.dynamic_linear(prepared, prepared, (), tmp_path / "all.onnx")[0]
     want = _run(src, feeds[0])
