@@ -348,7 +348,7 @@ def _add_quantize(subparsers):
     parser.add_argument("--no-gate", action="store_true", help="write the model even if the accuracy gate fails")
     parser.add_argument("--max-excluded", type=int, default=32, metavar="N",
                         help="most nodes per graph the sensitivity search may keep in float (0: none)")
-    parser.add_argument("--calibration-share", type=float, default=0.5, metavar="S",
+    parser.add_argument("--calibration-share", type=float, default=0.8, metavar="S",
                         help="share (0..1] of the gate's error budgets the search may use on the calibration "
                              "images; the rest is margin for images it has not seen")
     parser.add_argument("--no-reduce-range", action="store_true",
