@@ -291,3 +291,28 @@ def test_labels_name_every_graph_that_is_not_fp32():
     assert bench._labels(dirs, manifests) == [
         "vit_t (fp32)", "vit_t-int8 (int8-dynamic, points_decoder int8-upscaler)", "vit_t-int8 (int8-dynamic, decoder int8-static-qdq)"]
     assert bench._labels(dirs[1:2] * 2, manifests[1:2] * 2) == ["a/vit_t-int8 (int8-dynamic, points_decoder int8-upscaler)"] * 2
+
+
+@pytest.mark.torch  # the test model is exported with torch
+def test_decoder_workers_are_measured_on_the_same_prompts_and_shown(fp32_model_dir, bench_report_json):
+    """At 2+ threads each thread entry compares one session with that many decoder workers."""
+    from tinysam_rt import bench_run
+    from tinysam_rt.predictor import TinySAMPredictor
+
+    predictor = TinySAMPredictor(model_dir=fp32_model_dir, threads=2, cache_size=0)
+    image = bench_run.synthetic_image(240, 320)
+    result = bench_run.measure_decoder_workers(predictor, image, 2, runs=1, warmup=0, prompts_per_worker=2)
+    assert result["workers"] == 2 and result["prompts_per_call"] == 4 and result["load_s"] > 0
+    for key in ("one_session", "workers_run"):
+        assert STAGE_FIELDS <= set(result[key]) and result[key]["runs"] == 1
+    assert result["speedup_p50"] == pytest.approx(result["one_session"]["p50_s"] / result["workers_run"]["p50_s"])
+    assert result["speedup_min"] == pytest.approx(result["one_session"]["min_s"] / result["workers_run"]["min_s"])
+    # rendered in the report, per model and thread count; reports without it render as before
+    report, _ = bench_report_json
+    assert "decoder workers" not in bench_report.format_report(report)
+    report = copy.deepcopy(report)
+    report["models"][0]["threads"][0]["decoder_workers"] = result
+    markdown = bench_report.format_report(report, markdown=True)
+    per_prompt = result["workers_run"]["p50_s"] / 4
+    assert f"| {report['models'][0]['label']} | 1 | 4 |" in markdown and f"{per_prompt * 1e3:.1f}" in markdown
+    assert f"{result['speedup_p50']:.2f}" in markdown

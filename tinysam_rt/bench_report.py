@@ -157,6 +157,22 @@ def _latency_rows(models):
     return headers, rows
 
 
+def _workers_rows(models):
+    rows = []
+    for m in models:
+        for entry in m.get("threads", []):
+            w = entry.get("decoder_workers")
+            if not w:
+                continue
+            per_prompt = [w[k]["p50_s"] / w["prompts_per_call"] for k in ("one_session", "workers_run")]
+            rows.append([m["label"], str(entry["threads"]), str(w["prompts_per_call"]), _ms(per_prompt[0]),
+                         _ms(per_prompt[1]), f"{w['speedup_p50']:.2f}", f"{w['speedup_min']:.2f}",
+                         _ms(w["load_s"])])
+    headers = ["model", "threads = workers", "prompts per call", "one session p50 ms/prompt",
+               "workers p50 ms/prompt", "speed-up p50", "speed-up min", "single-thread sessions load ms"]
+    return headers, rows
+
+
 def _cold_rows(models):
     rows = []
     for m in models:
@@ -210,6 +226,10 @@ def format_report(report, markdown=False):
          "machine limit = GFLOP/s p50 / best ORT float32 MatMul GFLOP/s at the same thread count; for "
          "quantized models also % of the u8s8 MatMulInteger GOP/s limit, which bounds a fully integer "
          "graph)", _latency_rows(models)),
+        ("Everything mode's decoder: one session of N threads vs N single-thread decoder workers side by "
+         "side (tinysam everything --decoder-workers N), same prompts, every mask computed; more "
+         "than 1 is worth it where the speed-up is above 1, at the cost of a second copy of the decoder",
+         _workers_rows(models)),
         ("Cold: session creation and first call after it (in this process)", _cold_rows(models)),
         ("Fresh process: time from start to first mask", _process_rows(models)),
     ]

@@ -17,6 +17,7 @@ import cv2
 import numpy as np
 
 from tinysam_rt import flops, gemm_peak, postprocess, preprocess, prompts, sysinfo
+from tinysam_rt.everything import AmgConfig
 from tinysam_rt.io import write_png
 from tinysam_rt.manifest import load_manifest
 from tinysam_rt.predictor import TinySAMPredictor
@@ -228,7 +229,35 @@ def measure_threads(manifest, image, threads, runs, warmup, batch, budget_s=None
         return predictor.predict(point_coords=center, point_labels=[1])
 
     stages["end_to_end"] = time_stage(end_to_end, runs, warmup, budget_s)
-    return {"threads": threads, "cold": cold, "stages": stages}
+    entry = {"threads": threads, "cold": cold, "stages": stages}
+    if threads > 1:
+        entry["decoder_workers"] = measure_decoder_workers(predictor, image, threads, runs, warmup, budget_s)
+    return entry
+
+
+def measure_decoder_workers(predictor, image, workers, runs, warmup, budget_s=None,
+                            prompts_per_worker=AmgConfig.points_per_batch):
+    """Everything mode's decoder call with one session of the predictor's threads vs `workers`
+    single-thread sessions side by side (`tinysam everything --decoder-workers`).
+
+    Both run the same `workers * prompts_per_worker` grid prompts per call through
+    `predict_batch`, image side cached, every mask computed (a real checkpoint's cost when every
+    prompt passes the IoU filter). Which is faster depends on the board (benchmarks/RESULTS.md,
+    "Everything mode, session 7": 1.02x-1.25x on 2 Zen 4 cores); this measures it here.
+
+    Returns:
+        {"workers", "prompts_per_call", "load_s" (the single-thread sessions, first call),
+        "one_session": stage summary, "workers_run": stage summary, "speedup_p50", "speedup_min"}.
+    """
+    predictor.set_image(image)
+    batch = workers * prompts_per_worker
+    coords, labels, _, _ = decoder_feeds(image.shape[:2], predictor.manifest.preprocess.image_size, batch)
+    _, (load_s, _, _) = time_call(lambda: predictor.predict_batch(coords, labels, workers=workers))
+    one = time_stage(lambda: predictor.predict_batch(coords, labels), runs, warmup, budget_s)
+    many = time_stage(lambda: predictor.predict_batch(coords, labels, workers=workers), runs, warmup, budget_s)
+    return {"workers": workers, "prompts_per_call": batch, "load_s": load_s, "one_session": one,
+            "workers_run": many, "speedup_p50": one["p50_s"] / many["p50_s"],
+            "speedup_min": one["min_s"] / many["min_s"]}
 
 
 def achieved(stages, model_flops, limits, threads):
