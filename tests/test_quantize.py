@@ -246,7 +246,11 @@ def _chain(tmp_path):
         [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [64, 32])],
         [onnx.numpy_helper.from_array(w, f"w{k}") for k, w in enumerate(weights)]
         + [onnx.numpy_helper.from_array(rng.normal(size=32).astype(np.float32), "b2")])
-    src = tmp_path / "chain.onnx"
+    return _save_with_spiked_feeds(graph, tmp_path / "chain.onnx", rng)
+
+
+def _save_with_spiked_feeds(graph, src, rng):
+    """Save a (64, 32) -> (64, 32) graph; 4 feeds of x with one spike of 1000 at x[0, 0]."""
     onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), src)
     feeds = []
     for _ in range(4):
@@ -403,14 +407,7 @@ def _two_gemms(tmp_path):
         [onnx.numpy_helper.from_array(w0, "w0"), onnx.numpy_helper.from_array(w1, "w1"),
          onnx.numpy_helper.from_array(rng.normal(size=32).astype(np.float32), "b0"),
          onnx.numpy_helper.from_array(rng.normal(size=32).astype(np.float32), "b1")])
-    src = tmp_path / "two_gemms.onnx"
-    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), src)
-    feeds = []
-    for _ in range(4):
-        x = rng.normal(size=(64, 32)).astype(np.float32)
-        x[0, 0] = 1000.0
-        feeds.append({"x": x})
-    return src, feeds
+    return _save_with_spiked_feeds(graph, tmp_path / "two_gemms.onnx", rng)
 
 
 @pytest.mark.parametrize("compact_source", [False, True])
