@@ -22,7 +22,9 @@ Recipe (every choice measured; numbers and the commands in benchmarks/RESULTS.md
    per-column weights) when that stays within the budget or is no worse than static: on this
    encoder it was faster than QGemm with VNNI, as fast on the AVX2 kernels, and closer to FP32.
    Static Q/DQ stays where the search kept it (Conv, attention MatMul); the manifest names the
-   result: int8-static-qdq, int8-hybrid, or int8-dynamic when no static Q/DQ is left.
+   result: int8-static-qdq, int8-hybrid, or int8-dynamic when no static Q/DQ is left. If the
+   per-call graph is over budget, the Gemms with the most per-call error per MAC are kept float
+   (float16 weights) while that lowers the budget use (`search_dynamic_gemms`).
 5. Optionally (`upscaler="int8"`, CLI `--upscaler int8`) the points decoder's per-prompt mask
    upscaler GEMMs are quantized per call too (`upscaler_int8`): 12-19 % less decoder time per
    prompt in everything mode; masks move, predicted IoUs do not.
