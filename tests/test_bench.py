@@ -299,9 +299,8 @@ def test_decoder_workers_are_measured_on_the_same_prompts_and_shown(fp32_model_d
     from tinysam_rt import bench_run
     from tinysam_rt.predictor import TinySAMPredictor
 
-    predictor = TinySAMPredictor(model_dir=fp32_model_dir, threads=2, cache_size=0)
-    image = bench_run.synthetic_image(240, 320)
-    result = bench_run.measure_decoder_workers(predictor, image, 2, runs=1, warmup=0, prompts_per_worker=2)
+    predictor = TinySAMPredictor(bench_run.synthetic_image(240, 320), model_dir=fp32_model_dir, threads=2, cache_size=0)
+    result = bench_run.measure_decoder_workers(predictor, 2, runs=1, warmup=0, prompts_per_worker=2)
     assert result["workers"] == 2 and result["prompts_per_call"] == 4 and result["load_s"] > 0
     for key in ("one_session", "workers_run"):
         assert STAGE_FIELDS <= set(result[key]) and result[key]["runs"] == 1

@@ -231,14 +231,16 @@ def measure_threads(manifest, image, threads, runs, warmup, batch, budget_s=None
     stages["end_to_end"] = time_stage(end_to_end, runs, warmup, budget_s)
     entry = {"threads": threads, "cold": cold, "stages": stages}
     if threads > 1:
-        entry["decoder_workers"] = measure_decoder_workers(predictor, image, threads, runs, warmup, budget_s)
+        # end_to_end left `image` set on the predictor: its embedding is reused, not recomputed
+        entry["decoder_workers"] = measure_decoder_workers(predictor, threads, runs, warmup, budget_s)
     return entry
 
 
-def measure_decoder_workers(predictor, image, workers, runs, warmup, budget_s=None,
+def measure_decoder_workers(predictor, workers, runs, warmup, budget_s=None,
                             prompts_per_worker=AmgConfig.points_per_batch):
     """Everything mode's decoder call with one session of the predictor's threads vs `workers`
-    single-thread sessions side by side (`tinysam everything --decoder-workers`).
+    single-thread sessions side by side (`tinysam everything --decoder-workers`), on the image
+    set on `predictor`.
 
     Both run the same `workers * prompts_per_worker` grid prompts per call through
     `predict_batch`, image side cached, every mask computed (a real checkpoint's cost when every
@@ -249,9 +251,8 @@ def measure_decoder_workers(predictor, image, workers, runs, warmup, budget_s=No
         {"workers", "prompts_per_call", "load_s" (the single-thread sessions, first call),
         "one_session": stage summary, "workers_run": stage summary, "speedup_p50", "speedup_min"}.
     """
-    predictor.set_image(image)
     batch = workers * prompts_per_worker
-    coords, labels, _, _ = decoder_feeds(image.shape[:2], predictor.manifest.preprocess.image_size, batch)
+    coords, labels, _, _ = decoder_feeds(predictor.original_size, predictor.manifest.preprocess.image_size, batch)
     _, (load_s, _, _) = time_call(lambda: predictor.predict_batch(coords, labels, workers=workers))
     one = time_stage(lambda: predictor.predict_batch(coords, labels), runs, warmup, budget_s)
     many = time_stage(lambda: predictor.predict_batch(coords, labels, workers=workers), runs, warmup, budget_s)
