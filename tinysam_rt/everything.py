@@ -32,7 +32,7 @@ from typing import Optional
 import numpy as np
 
 from tinysam_rt import amg, postprocess, preprocess
-from tinysam_rt.prompts import PAD_LABEL
+from tinysam_rt.prompts import PAD_LABEL, check_int
 
 OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
 DENSE_POINT_MODES = ("tinysam", "grid")
@@ -44,11 +44,6 @@ UPSCALE_BUDGET_BYTES = 96 << 20
 def _check_fraction(value, name):
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
         raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
-
-
-def _check_int(value, name, minimum):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -82,7 +77,7 @@ class AmgConfig:
                 f"points_per_side={self.points_per_side!r} and point_grids={'None' if self.point_grids is None else '...'}"
             )
         if self.points_per_side is not None:
-            _check_int(self.points_per_side, "points_per_side", 1)
+            check_int(self.points_per_side, "points_per_side", 1)
         else:
             grids = tuple(np.asarray(g, dtype=np.float64) for g in self.point_grids)
             if len(grids) != self.crop_n_layers + 1 or any(g.ndim != 2 or g.shape[1] != 2 or len(g) == 0 for g in grids):
@@ -93,8 +88,8 @@ class AmgConfig:
             if any(((g < 0) | (g > 1)).any() for g in grids):
                 raise ValueError("point_grids must hold normalised (x, y) in [0, 1]")
             object.__setattr__(self, "point_grids", grids)
-        _check_int(self.points_per_batch, "points_per_batch", 1)
-        _check_int(self.decoder_workers, "decoder_workers", 1)
+        check_int(self.points_per_batch, "points_per_batch", 1)
+        check_int(self.decoder_workers, "decoder_workers", 1)
         for name in ("pred_iou_thresh", "stability_score_thresh", "box_nms_thresh", "crop_nms_thresh",
                      "stability_prefilter_margin"):
             _check_fraction(getattr(self, name), name)
@@ -102,9 +97,9 @@ class AmgConfig:
             isinstance(self.stability_score_offset, (int, float)) and 0.0 <= self.stability_score_offset < math.inf
         ):
             raise ValueError(f"stability_score_offset must be a finite number >= 0, got {self.stability_score_offset!r}")
-        _check_int(self.crop_n_layers, "crop_n_layers", 0)
-        _check_int(self.crop_n_points_downscale_factor, "crop_n_points_downscale_factor", 1)
-        _check_int(self.min_mask_region_area, "min_mask_region_area", 0)
+        check_int(self.crop_n_layers, "crop_n_layers", 0)
+        check_int(self.crop_n_points_downscale_factor, "crop_n_points_downscale_factor", 1)
+        check_int(self.min_mask_region_area, "min_mask_region_area", 0)
         if not isinstance(self.crop_overlap_ratio, (int, float)) or not 0.0 <= self.crop_overlap_ratio < 1.0:
             raise ValueError(f"crop_overlap_ratio must be a number in [0, 1), got {self.crop_overlap_ratio!r}")
         if self.output_mode not in OUTPUT_MODES:

@@ -241,8 +241,7 @@ class TinySAMPredictor:
         embedding = self._require_embedding() if embedding is None else self._check_embedding(embedding)
         long_side = self.manifest.preprocess.image_size
         gate = prompts.validate_iou_threshold(upscale_iou_threshold)
-        if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or workers < 1:
-            raise ValueError(f"workers must be an int >= 1, got {workers!r}")
+        prompts.check_int(workers, "workers", 1)
         try:
             coords, labels, mask, has_mask = prompts.validate_batch(point_coords, point_labels, mask_input, long_side)
             batch = len(coords)

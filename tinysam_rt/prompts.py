@@ -192,6 +192,12 @@ def validate_batch(point_coords, point_labels, mask_input=None, long_side=None):
     return coords.astype(np.float32), labels.astype(np.float32), mask, has_mask
 
 
+def check_int(value, name, minimum):
+    """Raise ValueError naming `name` unless `value` is an int (not a bool) >= `minimum`."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
 def validate_iou_threshold(value):
     """`predict_batch`'s upscale_iou_threshold: None, or a finite real number (returned as float)."""
     if value is None:
