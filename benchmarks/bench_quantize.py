@@ -1,6 +1,6 @@
 """Encoder speed of FP32 vs dynamic INT8 vs static INT8 and the recipe steps between them.
 
-Builds every variant from an FP32 model directory, then times them interleaved in one process
+Builds every variant (or those named by --only) from an FP32 model directory, then times them interleaved in one process
 (round robin: each round runs every variant once, so load from other processes hits all of them
 alike) and reports p50 / min beside the ratio to FP32, the embedding cosine on a held-out image,
 the file size, which fused kernels ORT actually runs (from its optimised graph), and an ORT
@@ -39,8 +39,29 @@ KERNELS = ("QGemm", "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "QLinearMat
            "MatMulNBits", "Conv", "Gelu", "LayerNormalization", "Erf")
 
 
-def build_variants(model_dir, calib_paths, work, int8_dir):
-    """Write every encoder variant; returns {name: (path, what it is)} in table order."""
+# Every encoder variant build_variants can write, in table order ("shipped" needs --int8).
+RECIPE_STEPS = (
+    ("gemm", ("Gemm",), True, {}, "recipe prep + Gemm only (QGemm, float out)"),
+    ("gemm_matmul", ("Gemm", "MatMul"), True, {}, "+ attention MatMul (attn @ v)"),
+    ("gemm_matmul_conv", ("Gemm", "MatMul", "Conv"), True, {}, "+ Conv (QLinearConv): all recipe ops, nothing excluded"),
+    ("no_reduce_range", ("Gemm", "MatMul", "Conv"), False, {}, "same, 8-bit weights (no AVX2 guard)"),
+    ("symmetric_act", ("Gemm", "MatMul", "Conv"), True, {"ActivationSymmetric": True}, "same, symmetric activations"),
+)
+DYNAMIC_LINEAR = (
+    ("dynamic_linear", True, "recipe prep, every Gemm DynamicQuantizeMatMul, 7-bit per-column weights"),
+    ("dynamic_linear_8bit", False, "same, 8-bit per-column weights"),
+)
+VARIANTS = (("fp32", "dynamic", "dynamic_matmul", "static_naive", "static_naive_s8")
+            + tuple(step[0] for step in RECIPE_STEPS) + tuple(step[0] for step in DYNAMIC_LINEAR) + ("shipped",))
+
+
+def build_variants(model_dir, calib_paths, work, int8_dir, only=None):
+    """Write the encoder variants; returns {name: (path, what it is)} in table order.
+
+    Args:
+        only: None for every variant, else the names (of VARIANTS) to build; fp32 is always in.
+    """
+    wanted = lambda name: name == "fp32" or only is None or name in only  # noqa: E731
     manifest = load_manifest(model_dir)
     fp32 = manifest.encoder.path
     images = calibration.load_images(calib_paths, 1)
@@ -48,43 +69,46 @@ def build_variants(model_dir, calib_paths, work, int8_dir):
     reader = calibration.FeedReader(len(feeds), feeds.__getitem__)
     v = {"fp32": (fp32, "ORT FP32 export")}
 
-    inferred = quant_pre_process_path(fp32, work / "inferred.onnx", skip_optimization=True)
-    quantize_dynamic(str(inferred), str(work / "dyn_all.onnx"), weight_type=QuantType.QInt8)
-    v["dynamic"] = (work / "dyn_all.onnx", "quantize_dynamic defaults (all ops, per-tensor S8): what peers ship")
-    quantize_dynamic(str(inferred), str(work / "dyn_mm.onnx"), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"])
-    v["dynamic_matmul"] = (work / "dyn_mm.onnx", "quantize_dynamic, MatMul only")
+    if wanted("dynamic") or wanted("dynamic_matmul"):
+        inferred = quant_pre_process_path(fp32, work / "inferred.onnx", skip_optimization=True)
+    if wanted("dynamic"):
+        quantize_dynamic(str(inferred), str(work / "dyn_all.onnx"), weight_type=QuantType.QInt8)
+        v["dynamic"] = (work / "dyn_all.onnx", "quantize_dynamic defaults (all ops, per-tensor S8): what peers ship")
+    if wanted("dynamic_matmul"):
+        quantize_dynamic(str(inferred), str(work / "dyn_mm.onnx"), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"])
+        v["dynamic_matmul"] = (work / "dyn_mm.onnx", "quantize_dynamic, MatMul only")
 
     # quantize_static as documented: quant_pre_process (with its optimisation), all op types.
-    pre = quant_pre_process_path(fp32, work / "pre.onnx")
-    for name, act in (("static_naive", QuantType.QUInt8), ("static_naive_s8", QuantType.QInt8)):
+    naive = [(name, act) for name, act in (("static_naive", QuantType.QUInt8), ("static_naive_s8", QuantType.QInt8))
+             if wanted(name)]
+    if naive:
+        pre = quant_pre_process_path(fp32, work / "pre.onnx")
+    for name, act in naive:
         reader.rewind()
         quantize_static(str(pre), str(work / f"{name}.onnx"), reader, per_channel=True, activation_type=act,
                         weight_type=QuantType.QInt8, calibration_cache_path=str(work / "naive.ranges.json"),
                         extra_options={"CalibStridedMinMax": 1})
-    v["static_naive"] = (work / "static_naive.onnx", "quantize_static defaults after quant_pre_process: all ops, U8/S8")
-    v["static_naive_s8"] = (work / "static_naive_s8.onnx", "same, S8 activations")
+    if wanted("static_naive"):
+        v["static_naive"] = (work / "static_naive.onnx", "quantize_static defaults after quant_pre_process: all ops, U8/S8")
+    if wanted("static_naive_s8"):
+        v["static_naive_s8"] = (work / "static_naive_s8.onnx", "same, S8 activations")
 
     # The recipe, one step at a time (ORT-fused prep, lookup tables unfolded; MinMax ranges).
-    prepared = quantize.prepare_graph(fp32, work / "prepared.onnx")
-    cache = work / "recipe.ranges.json"
-    steps = [
-        ("gemm", ("Gemm",), True, {}, "recipe prep + Gemm only (QGemm, float out)"),
-        ("gemm_matmul", ("Gemm", "MatMul"), True, {}, "+ attention MatMul (attn @ v)"),
-        ("gemm_matmul_conv", ("Gemm", "MatMul", "Conv"), True, {}, "+ Conv (QLinearConv): all recipe ops, nothing excluded"),
-        ("no_reduce_range", ("Gemm", "MatMul", "Conv"), False, {}, "same, 8-bit weights (no AVX2 guard)"),
-        ("symmetric_act", ("Gemm", "MatMul", "Conv"), True, {"ActivationSymmetric": True}, "same, symmetric activations"),
-    ]
-    quantize.quantize_qdq(prepared, work / "calibrate.onnx", reader, "minmax", ("Gemm", "MatMul", "Conv"), (), cache)
+    steps = [step for step in RECIPE_STEPS if wanted(step[0])]
+    linear = [step for step in DYNAMIC_LINEAR if wanted(step[0])]
+    if steps or linear:
+        prepared = quantize.prepare_graph(fp32, work / "prepared.onnx")
+    if steps:
+        cache = work / "recipe.ranges.json"
+        quantize.quantize_qdq(prepared, work / "calibrate.onnx", reader, "minmax", ("Gemm", "MatMul", "Conv"), (), cache)
     for name, ops, reduce_range, extra, what in steps:
         quantize.quantize_qdq(prepared, work / f"{name}.onnx", reader, "minmax", ops, (), cache, reduce_range,
                               extra_options=extra)
         v[name] = (work / f"{name}.onnx", what)
-    for name, reduce_range, what in (
-            ("dynamic_linear", True, "recipe prep, every Gemm DynamicQuantizeMatMul, 7-bit per-column weights"),
-            ("dynamic_linear_8bit", False, "same, 8-bit per-column weights")):
+    for name, reduce_range, what in linear:
         quantize.dynamic_linear(prepared, prepared, (), work / f"{name}.onnx", reduce_range)
         v[name] = (work / f"{name}.onnx", what)
-    if int8_dir is not None:
+    if int8_dir is not None and wanted("shipped"):
         int8 = load_manifest(int8_dir)
         recipe = int8.quantization["graphs"].get("encoder", {})
         v["shipped"] = (int8.encoder.path, f"`tinysam quantize` output ({int8.encoder.precision}): "
@@ -215,11 +239,14 @@ def main(argv=None):
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--only", nargs="*", default=None, help="time only these variants (plus fp32)")
+    parser.add_argument("--only", nargs="+", default=None, choices=VARIANTS, metavar="VARIANT",
+                        help="build and time only these variants (plus fp32); one of: " + ", ".join(VARIANTS))
     parser.add_argument("--decoder-int8", type=Path, nargs="*", default=[],
                         help="model directories with an INT8 decoder to time against the FP32 decoders")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
+    if args.only and "shipped" in args.only and args.int8 is None:
+        parser.error("--only shipped needs --int8 DIR (the `tinysam quantize` output to time)")
     ort.set_default_logger_severity(3)
     paths = calibration.list_images(args.calib)
     manifest = load_manifest(args.model)
@@ -227,9 +254,7 @@ def main(argv=None):
     load_start = sysinfo.load_average()
     with tempfile.TemporaryDirectory(prefix="bench-quantize-") as tmp:
         work = Path(tmp)
-        variants = build_variants(args.model, paths[:-1], work, args.int8)
-        if args.only:
-            variants = {k: v for k, v in variants.items() if k == "fp32" or k in args.only}
+        variants = build_variants(args.model, paths[:-1], work, args.int8, args.only)
         reference = ort.InferenceSession(str(variants["fp32"][0]), providers=["CPUExecutionProvider"]).run(None, {"image": held})[0]
         rows = {}
         for name, (path, what) in variants.items():
@@ -241,8 +266,8 @@ def main(argv=None):
             rows[name].update(p50_ms=1000 * statistics.median(values), min_ms=1000 * min(values),
                               p95_ms=1000 * float(np.percentile(values, 95)))
         decoders = time_decoders(args.model, args.decoder_int8, reference, args.threads, args.runs)
-        last = "shipped" if "shipped" in variants else "gemm_matmul_conv"
-        profiles = {name: op_profile(variants[name][0], held, args.threads) for name in ("fp32", last)}
+        last = next((name for name in ("shipped", "gemm_matmul_conv") if name in variants), None)
+        profiles = {name: op_profile(variants[name][0], held, args.threads) for name in ("fp32", last) if name}
     result = {
         "command": "python benchmarks/bench_quantize.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "system": sysinfo.system_info(), "threads": args.threads, "runs": args.runs, "warmup": args.warmup,
