@@ -1,10 +1,10 @@
 """Encoder speed of FP32 vs dynamic INT8 vs static INT8 and the recipe steps between them.
 
-Builds every variant (or those named by --only) from an FP32 model directory, then times them interleaved in one process
-(round robin: each round runs every variant once, so load from other processes hits all of them
-alike) and reports p50 / min beside the ratio to FP32, the embedding cosine on a held-out image,
-the file size, which fused kernels ORT actually runs (from its optimised graph), and an ORT
-profile by op type for FP32 and the shipped model.
+Builds every variant (or those named by --only) from an FP32 model directory, then times them
+interleaved in one process (round robin: each round runs every variant once, so load from other
+processes hits all of them alike) and reports p50 / min beside the ratio to FP32, the embedding
+cosine on a held-out image, the file size, which fused kernels ORT actually runs (from its
+optimised graph), and an ORT profile by op type for FP32 and the shipped model.
 
     python benchmarks/bench_quantize.py --model models/vit_t --calib '../shared/images/*.jpg' \\
         --int8 models/vit_t-int8 --runs 20 --json benchmarks/results/quantize.json
@@ -61,7 +61,9 @@ def build_variants(model_dir, calib_paths, work, int8_dir, only=None):
     Args:
         only: None for every variant, else the names (of VARIANTS) to build; fp32 is always in.
     """
-    wanted = lambda name: name == "fp32" or only is None or name in only  # noqa: E731
+    def wanted(name):
+        return name == "fp32" or only is None or name in only
+
     manifest = load_manifest(model_dir)
     fp32 = manifest.encoder.path
     images = calibration.load_images(calib_paths, 1)
