@@ -229,9 +229,10 @@ class TinySAMPredictor:
             upscale_iou_threshold: None (every mask), or a float t for callers that keep only
                 masks with predicted IoU > t (everything mode): prompts whose 3 IoUs are all <= t
                 may then get zero logits, as the points decoder skips their mask upscaler.
-            workers: int >= 1. With more than 1, the B prompts run as up to `workers` parts of
-                ceil(B / workers) side by side, each on a single-thread session of the decoder
-                (loaded on first use: a second copy of the decoder weights). Faster on 2+ cores
+            workers: int >= 1. With more than 1, the B prompts run in parts of ceil(B / workers)
+                (at most MAX_DECODER_BATCH), `workers` at a time side by side, each on a
+                single-thread session of the decoder (loaded on first use: a second copy of the
+                decoder weights). Faster on 2+ cores
                 for large batches; each part in flight takes its own working memory. Outputs
                 equal those of running each part alone.
 
