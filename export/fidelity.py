@@ -219,8 +219,11 @@ def report_markdown(report):
     for role, size in report["sizes"].items():
         recipe = report["graphs"].get(role, {})
         dynamic = "-" if size["dynamic_bytes"] is None else f"{size['dynamic_bytes'] / 1e6:.2f}"
+        linear = recipe.get("linear", "-")
+        if recipe.get("dynamic_weight_rounding"):
+            linear += f", weights rounded by {recipe['dynamic_weight_rounding']}"
         lines.append(f"| {role} | {size['precision']} | {size['fp32_bytes'] / 1e6:.2f} | {size['bytes'] / 1e6:.2f} | "
-                     f"{size['ratio']:.1%} | {dynamic} | {_method(recipe)} | {recipe.get('linear', '-')} | "
+                     f"{size['ratio']:.1%} | {dynamic} | {_method(recipe)} | {linear} | "
                      f"{len(recipe.get('excluded_nodes', []))} |")
     if gate["failures"]:
         lines += ["", "Gate failures: " + "; ".join(gate["failures"])]

@@ -21,6 +21,8 @@ Recipe (every choice measured; numbers and the commands in benchmarks/RESULTS.md
 4. Linear layers quantized per call instead (`dynamic_linear`: DynamicQuantizeMatMul, 7-bit
    per-column weights) when that stays within the budget or is no worse than static: on this
    encoder it was faster than QGemm with VNNI, as fast on the AVX2 kernels, and closer to FP32.
+   Their weights are rounded by GPTQ against the Gram matrices of their calibration inputs
+   (`gptq`; `weight_rounding="nearest"` to compare): same graph and speed, less error.
    Static Q/DQ stays where the search kept it (Conv, attention MatMul); the manifest names the
    result: int8-static-qdq, int8-hybrid, or int8-dynamic when no static Q/DQ is left. If the
    per-call graph is over budget, the Gemms with the most per-call error per MAC are kept float
@@ -52,6 +54,7 @@ from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, 
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from tinysam_export import calibration, fidelity
+from tinysam_export.gptq import GPTQ_DAMP, GemmInputGrams
 from tinysam_export.metadata import stamp_weights_id
 from tinysam_export.upscaler_int8 import UPSCALER_PRECISION, dynamic_quantize_matmul, int8_upscaler, use_contrib_opset
 from tinysam_rt import io, manifest as manifest_mod, preprocess
@@ -75,6 +78,7 @@ OP_TYPES = {"encoder": ("Gemm", "MatMul", "Conv"), "decoder": ("Gemm", "MatMul")
 OP_TYPE_LADDER = {"encoder": (("Gemm", "MatMul"), ("Gemm", "Conv"), ("Gemm",)), "decoder": (("Gemm",),)}
 FLOAT_OUTPUT_OPS = ("Gemm", "MatMul")  # -> QGemm / MatMulIntegerToFloat with float outputs
 LINEAR_MODES = ("auto", "static", "dynamic")
+WEIGHT_ROUNDINGS = ("gptq", "nearest")
 UPSCALER_MODES = ("fp32", "int8")
 INT8_FILES = {"encoder": "encoder.int8.onnx", "decoder": "decoder.int8.onnx"}
 REPORT_FILES = ("quantization_report.json", "quantization_report.md")
@@ -116,6 +120,11 @@ class QuantizeConfig:
     # calibration-set error is within budget or no worse than static's. Per call was faster than
     # QGemm with VNNI and as fast on AVX2 (benchmarks/RESULTS.md, "AVX2 code path").
     linear: str = "auto"
+    # Weights of the Gemms quantized per call: "gptq" rounds them against the Gram matrix of
+    # their calibration inputs (`gptq`), "nearest" rounds each alone. Same grid, graph, size and
+    # speed; on vit_t GPTQ took the held-out mask IoU from 0.944 to 0.975 (benchmarks/RESULTS.md,
+    # "INT8 quantization, session 10").
+    weight_rounding: str = "gptq"
     # The points decoder's mask upscaler (kept beside an FP32 decoder, i.e. only="encoder"):
     # "fp32" copies it; "int8" makes its per-prompt GEMMs DynamicQuantizeMatMul (7-bit per
     # column with reduce_range): everything mode 1.13x-1.26x faster when every mask is computed, at a
@@ -133,6 +142,8 @@ def check_config(config):
         raise ValueError(f"method must be 'auto' or one of {sorted(METHODS)}, got {config.method!r}")
     if config.linear not in LINEAR_MODES:
         raise ValueError(f"linear must be one of {list(LINEAR_MODES)}, got {config.linear!r}")
+    if config.weight_rounding not in WEIGHT_ROUNDINGS:
+        raise ValueError(f"weight_rounding must be one of {list(WEIGHT_ROUNDINGS)}, got {config.weight_rounding!r}")
     if config.only not in ("encoder", "decoder", "both"):
         raise ValueError(f"only must be 'encoder', 'decoder' or 'both', got {config.only!r}")
     if config.upscaler not in UPSCALER_MODES:
@@ -325,7 +336,7 @@ def store_weights_compact(path, nodes, out, float16_op_types=("Conv",)):
     return converted
 
 
-def dynamic_linear(quantized, prepared, op_types, out, reduce_range=True, keep_float=()):
+def dynamic_linear(quantized, prepared, op_types, out, reduce_range=True, keep_float=(), grams=None):
     """A copy of a QDQ graph whose Gemm layers quantize their input per call instead.
 
     Every Gemm (quantized or kept float by the static search) not in `keep_float` becomes a
@@ -342,6 +353,8 @@ def dynamic_linear(quantized, prepared, op_types, out, reduce_range=True, keep_f
             prepared float graph it was made from.
         op_types: the op types quantized statically in `quantized`. out: Path to write.
         keep_float: names of Gemms to leave in float.
+        grams: {Gemm name: (K, K) Gram matrix of its calibration inputs} (`gptq.GemmInputGrams`):
+            those Gemms' weights are rounded by GPTQ; the others (or all, with None) to nearest.
 
     Returns:
         (out, number of Gemms converted).
@@ -389,7 +402,8 @@ def dynamic_linear(quantized, prepared, op_types, out, reduce_range=True, keep_f
             continue
         nodes.append(dynamic_quantize_matmul(graph, node.name, node.input[0],
                                              weight.T if attrs.get("transB", 0) else weight,  # (K, N)
-                                             node.output, qmax, bias))  # bias (N,) float or None
+                                             node.output, qmax, bias,  # bias (N,) float or None
+                                             gram=(grams or {}).get(node.name)))
         converted += 1
     del graph.node[:]
     graph.node.extend(nodes)
@@ -642,11 +656,11 @@ def precision_name(linear, op_types):
     return "int8-hybrid" if set(op_types) - {"Gemm"} else "int8-dynamic"
 
 
-def search_graph(role, prepared, reader, scorer, config, work, progress):
+def search_graph(role, prepared, reader, scorer, config, work, progress, grams=None):
     """Pick the calibration method by measurement, then keep the most sensitive nodes in float
     (weights still int8) until the calibration-set budget use is <= 1, and if that is not enough,
     quantize fewer op types (OP_TYPE_LADDER); then try the Gemms quantized per call
-    (`dynamic_linear`) as `config.linear` says.
+    (`dynamic_linear`, weights rounded by GPTQ against `grams` where given) as `config.linear` says.
 
     Returns:
         (path of the chosen INT8 graph, recipe dict for the manifest).
@@ -694,7 +708,7 @@ def search_graph(role, prepared, reader, scorer, config, work, progress):
     linear, by_linear, search_excluded = "static", {"static": round(budget, 4)}, excluded
     static_path, float_gemms, gemm_errors = path, [], {}
     trial, converted = (None, 0) if config.linear == "static" else dynamic_linear(
-        path, prepared, op_types, work / f"{role}.dynamic-linear.onnx", config.reduce_range)
+        path, prepared, op_types, work / f"{role}.dynamic-linear.onnx", config.reduce_range, grams=grams)
     if converted:  # a graph without Gemms has nothing to quantize per call
         used_here = scorer.budget(trial)
         by_linear["dynamic"] = round(used_here, 4)
@@ -707,7 +721,7 @@ def search_graph(role, prepared, reader, scorer, config, work, progress):
             if budget > 1 and config.max_excluded > len(excluded):
                 path, budget, float_gemms, gemm_errors = search_dynamic_gemms(
                     role, static_path, prepared, op_types, scorer, config, work, progress, (path, budget),
-                    config.max_excluded - len(excluded))
+                    config.max_excluded - len(excluded), grams)
                 by_linear["dynamic_with_float_gemms"] = round(budget, 4)
                 excluded = excluded + float_gemms
     static_op_types = [t for t in op_types if linear == "static" or t != "Gemm"]
@@ -732,6 +746,9 @@ def search_graph(role, prepared, reader, scorer, config, work, progress):
         "weight_type": "QInt8",
         "per_channel": True,
         "reduce_range": config.reduce_range,
+        # How the per-call Gemms' weights were rounded (static Q/DQ weights: ORT's nearest).
+        "dynamic_weight_rounding": (None if linear != "dynamic" else
+                                    f"gptq (damp {GPTQ_DAMP})" if grams else "nearest"),
         "excluded_nodes": excluded,
         "search_excluded_nodes": search_excluded,  # before the linear layers went dynamic
         "excluded_nodes_storage": ("float compute; Gemm/MatMul weights int8 (per-channel, symmetric) + "
@@ -749,7 +766,8 @@ def search_graph(role, prepared, reader, scorer, config, work, progress):
     return path, recipe
 
 
-def search_dynamic_gemms(role, static_path, prepared, op_types, scorer, config, work, progress, start, limit):
+def search_dynamic_gemms(role, static_path, prepared, op_types, scorer, config, work, progress, start, limit,
+                         grams=None):
     """Keep Gemms in float, the ones whose per-call quantization costs most accuracy per
     multiply-accumulate first, until the calibration-set budget use is <= 1.
 
@@ -765,6 +783,7 @@ def search_dynamic_gemms(role, static_path, prepared, op_types, scorer, config, 
         static_path: the graph `dynamic_linear` converts (static Q/DQ of the other op types).
         start: (path, budget use) of the every-Gemm-per-call graph (use > 1).
         limit: most Gemms to keep float.
+        grams: as `dynamic_linear`'s.
 
     Returns:
         (path of the chosen graph, its budget use, the Gemms kept float,
@@ -776,14 +795,14 @@ def search_dynamic_gemms(role, static_path, prepared, op_types, scorer, config, 
     errors = {}
     for name in gemms:
         one, _ = dynamic_linear(prepared, prepared, (), work / f"{role}.one-dynamic.onnx", config.reduce_range,
-                                keep_float=set(gemms) - {name})
+                                keep_float=set(gemms) - {name}, grams=grams)
         errors[name] = scorer.error(one)
     ranked = sorted(gemms, key=lambda n: errors[n] / macs[n], reverse=True)
     (path, used), kept, limit = start, [], min(limit, len(ranked))
     while used > 1 and len(kept) < limit:
         count = min(exclusion_count([errors[n] for n in ranked], len(kept), used), limit)
         trial, _ = dynamic_linear(static_path, prepared, op_types, work / f"{role}.dynamic-linear.f{count}.onnx",
-                                  config.reduce_range, keep_float=ranked[:count])
+                                  config.reduce_range, keep_float=ranked[:count], grams=grams)
         used_here = scorer.budget(trial)
         progress(f"{role}: {count} Gemm(s) kept in float, the rest per call -> {used_here:.0%} of the budget")
         if used_here >= used:
@@ -898,7 +917,11 @@ def quantize_model(model_dir, calib, out_dir, config=QuantizeConfig(), progress=
             feeds = calib_set.encoder_feeds if role == "encoder" else [feed for _, feed in calib_set.decoder_feeds]
             reader = calibration.FeedReader(len(feeds), feeds.__getitem__)
             scorer = _Scorer(role, manifest, calib_set, _budgets(role, config, roles), config.threads)
-            path, recipes[role] = search_graph(role, prepared, reader, scorer, config, work, progress)
+            grams = None
+            if config.linear != "static" and config.weight_rounding == "gptq":
+                progress(f"{role}: Gram matrices of the Gemm inputs on the calibration set (GPTQ rounding)")
+                grams = GemmInputGrams(prepared, work / f"{role}.gemm-inputs.onnx", config.threads).grams(feeds)
+            path, recipes[role] = search_graph(role, prepared, reader, scorer, config, work, progress, grams)
             graphs[role] = (shutil.copyfile(path, staging / INT8_FILES[role]), recipes[role]["precision"])
             stamp_weights_id(graphs[role][0], manifest.weights_id)
             progress(f"{role}: building the quantize_dynamic baseline")

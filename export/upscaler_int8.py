@@ -16,6 +16,8 @@ No torch: onnx and numpy only.
 import numpy as np
 import onnx
 
+from tinysam_export.gptq import gptq_int8
+
 UPSCALER_PRECISION = "int8-upscaler"  # the points decoder's manifest precision after `int8_upscaler`
 
 
@@ -30,7 +32,7 @@ def per_column_int8(weight, qmax):
     return np.clip(np.round(weight / scale), -qmax, qmax).astype(np.int8), scale
 
 
-def dynamic_quantize_matmul(graph, name, x, weight, outputs, qmax, bias=None, weight_key=None):
+def dynamic_quantize_matmul(graph, name, x, weight, outputs, qmax, bias=None, weight_key=None, gram=None):
     """A DynamicQuantizeMatMul node computing `x @ weight (+ bias)`, its int8 weights added to `graph`.
 
     Args:
@@ -40,13 +42,16 @@ def dynamic_quantize_matmul(graph, name, x, weight, outputs, qmax, bias=None, we
         bias: (N,) float array or None.
         weight_key: prefix of the int8 weight, scale and zero point (default `name`); nodes given
             the same key (the same float weight) share one int8 copy.
+        gram: (K, K) Gram matrix of the input over calibration rows: the weights are rounded by
+            GPTQ against it (`gptq.gptq_int8`); None rounds each weight to nearest.
     Returns:
         the NodeProto (not added to `graph`: the caller places it).
     """
     key = name if weight_key is None else weight_key
     inputs = [x, f"{key}_dq_weight", f"{key}_dq_scale", f"{key}_dq_zero"]
     if not any(init.name == inputs[1] for init in graph.initializer):
-        q, scale = per_column_int8(np.asarray(weight, np.float32), qmax)  # (K, N) int8, (N,)
+        weight = np.asarray(weight, np.float32)
+        q, scale = per_column_int8(weight, qmax) if gram is None else gptq_int8(weight, gram, qmax)  # (K, N) int8, (N,)
         graph.initializer.extend([onnx.numpy_helper.from_array(q, inputs[1]),
                                   onnx.numpy_helper.from_array(scale, inputs[2]),
                                   onnx.numpy_helper.from_array(np.zeros(scale.shape, np.int8), inputs[3])])

@@ -786,6 +786,8 @@ def test_cli_only_encoder_keeps_the_fp32_decoders(fp32_model_dir, calib_dir, tmp
     manifest, fp32 = load_manifest(out), load_manifest(fp32_model_dir)
     recipe = manifest.quantization["graphs"]["encoder"]
     assert recipe["linear"] == "dynamic" and recipe["dynamic_op_types"] == ["Gemm"]
+    assert recipe["dynamic_weight_rounding"].startswith("gptq")  # the default, end to end
+    assert "| dynamic, weights rounded by gptq (damp " in (out / "quantization_report.md").read_text()
     # Named for what it runs: static Q/DQ left for Conv/MatMul -> hybrid, none -> dynamic.
     assert manifest.encoder.precision == ("int8-hybrid" if recipe["static_op_types"] else "int8-dynamic")
     assert manifest.quantization["format"] == ("QDQ + " if recipe["static_op_types"] else "") + "DynamicQuantizeMatMul"

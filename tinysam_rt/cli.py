@@ -302,7 +302,8 @@ def _cmd_quantize(args):
         onnxruntime.set_default_logger_severity(3)
     config = QuantizeConfig(method=args.method, only=args.only, min_images=args.min_images, holdout=args.holdout,
                             synthetic=args.synthetic, gate=not args.no_gate, max_excluded=args.max_excluded,
-                            reduce_range=not args.no_reduce_range, linear=args.linear, upscaler=args.upscaler,
+                            reduce_range=not args.no_reduce_range, linear=args.linear,
+                            weight_rounding=args.weight_rounding, upscaler=args.upscaler,
                             seed=args.seed, threads=args.threads, calibration_share=args.calibration_share,
                             sampling=PromptSampling())
     try:
@@ -356,6 +357,9 @@ def _add_quantize(subparsers):
     parser.add_argument("--linear", choices=("auto", "static", "dynamic"), default="auto",
                         help="linear (Gemm) layers: static QGemm, dynamic DynamicQuantizeMatMul (input quantized "
                              "per call), or auto: dynamic when it is within the error budget or no worse")
+    parser.add_argument("--weight-rounding", choices=("gptq", "nearest"), default="gptq",
+                        help="weights of the per-call linear layers: gptq rounds them against the calibration "
+                             "inputs (less error, same speed), nearest rounds each alone")
     parser.add_argument("--upscaler", choices=("fp32", "int8"), default="fp32",
                         help="the points decoder's mask upscaler (with --only encoder): int8 quantizes its two "
                              "per-prompt GEMMs per call, ~18%% less decoder time per prompt in everything mode; "
