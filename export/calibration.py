@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from onnxruntime.quantization import CalibrationDataReader
 
-from tinysam_rt import amg, io, preprocess, prompts
+from tinysam_rt import amg, io, manifest, preprocess, prompts
 
 
 @dataclass(frozen=True)
@@ -214,6 +214,23 @@ def decoder_feeds(embeddings, coords, labels, mask_input=None):
         "point_labels": labels,
         "mask_input": mask,
         "has_mask_input": has_mask,
+    }
+
+
+def points_decoder_feed(feed):
+    """The points decoder's feed for a decoder feed without a mask input (the prompts the runtime
+    sends it): every mask computed, the image side computed in the call.
+
+    Args:
+        feed: a `decoder_feeds` dict whose has_mask_input is all 0.
+    Returns:
+        dict of the points decoder contract's inputs (manifest.POINTS_DECODER_INPUTS).
+    """
+    gate, (cache, (_, *cache_shape)) = manifest.POINTS_DECODER_GATE[0], manifest.POINTS_DECODER_CACHE
+    return {
+        **{name: feed[name] for name, _ in manifest.POINTS_DECODER_BASIC_INPUTS},
+        gate: np.array(-np.inf, np.float32),  # no prompt skips the upscaler
+        cache: np.zeros((0, *cache_shape), np.float32),  # empty: compute the image side
     }
 
 

@@ -8,15 +8,20 @@ DynamicQuantizeMatMul (uint8 input quantized from its own min/max on every call,
 symmetric per output column): measured 7.96 -> 5.15 ms per prompt for the Scan (ORT profiler,
 2 threads; benchmarks/RESULTS.md, "Everything mode"). Only mask logits move: the IoU head runs
 before the upscaler, so predicted IoUs, the selected token and the upscaler gate are unchanged.
-The transformer stays float: its per-prompt products have activations on both sides.
+The transformer stays float: its per-prompt products have activations on both sides. The
+weights are rounded by GPTQ against the calibration prompts' upscaler inputs when the caller
+gives their Gram matrices (`UpscalerInputGrams`): held-out mask IoU vs the FP32 upscaler 0.982 ->
+0.987 on vit_t's random weights (benchmarks/RESULTS.md, "INT8 quantization, session 10").
 
-No torch: onnx and numpy only.
+No torch: onnx, onnxruntime and numpy only.
 """
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 
 from tinysam_export.gptq import gptq_int8
+from tinysam_rt.sessions import make_session_options
 
 UPSCALER_PRECISION = "int8-upscaler"  # the points decoder's manifest precision after `int8_upscaler`
 
@@ -121,7 +126,95 @@ def _read_counts(graph):
     return counts
 
 
-def int8_upscaler(src, out, reduce_range=True):
+def _the_scan(model, src):
+    """The points decoder's one per-prompt upscaler Scan node (ValueError if there is not one)."""
+    scans = [n for n in model.graph.node if n.op_type == "Scan"]
+    if len(scans) != 1:
+        raise ValueError(f"{src}: expected the points decoder's one per-prompt upscaler Scan, found {len(scans)} Scan nodes")
+    return scans[0]
+
+
+def _constant_matmuls(graph, inits):
+    """MatMul nodes of `graph` whose weight (input 1) is a 2-D constant in `inits` (name -> TensorProto)."""
+    return [n for n in graph.node if n.op_type == "MatMul" and n.input[1] in inits and len(inits[n.input[1]].dims) == 2]
+
+
+def _upscaler_alone(model, src):
+    """The graph under the points decoder's Scan that holds the upscaler GEMMs, as a model of its
+    own whose outputs are those GEMMs' inputs.
+
+    Returns:
+        (ModelProto, {its input name: the Scan input it is a per-prompt slice of},
+        the GEMM MatMul nodes).
+    """
+    scan = _the_scan(model, src)
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in scan.attribute}
+    body = attrs["body"]
+    if attrs.get("num_scan_inputs") != len(scan.input) or any(attrs.get("scan_input_axes", [])):
+        raise ValueError(f"{src}: the upscaler Scan must scan every input along axis 0")
+    outer = {i.name: i for g in (model.graph, body) for i in g.initializer}
+    graph = next((g for g in _graphs_under(body) if _constant_matmuls(g, {**outer, **{i.name: i for i in g.initializer}})), None)
+    if graph is None:
+        raise ValueError(f"{src}: no MatMul with a constant weight in the upscaler Scan; is it a tinysam-rt points decoder?")
+    own = {i.name: i for i in graph.initializer}
+    matmuls = _constant_matmuls(graph, {**outer, **own})
+    read = {name for n in graph.node for name in n.input if name} - {name for n in graph.node for name in n.output} - set(own)
+    slices = {v.name: (k, v) for k, v in enumerate(body.input)}  # body input k <- Scan input k, per prompt
+    if read - set(slices) - set(outer):
+        raise ValueError(f"{src}: the upscaler reads {sorted(read - set(slices) - set(outer))} from outside the Scan")
+    inputs = sorted(read & set(slices))
+    alone = onnx.helper.make_graph(
+        list(graph.node), "upscaler", [slices[name][1] for name in inputs],
+        [onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None) for t in sorted({n.input[0] for n in matmuls})],
+        list(own.values()) + [outer[name] for name in sorted(read & set(outer))])
+    alone_model = onnx.helper.make_model(alone, opset_imports=model.opset_import, ir_version=model.ir_version)
+    return alone_model, {name: scan.input[slices[name][0]] for name in inputs}, matmuls
+
+
+class UpscalerInputGrams:
+    """Gram matrices X^T X of the upscaler GEMMs' inputs over calibration prompts, by weight name
+    (for GPTQ rounding in `int8_upscaler`; GEMMs sharing a weight add up).
+
+    ORT hands out no tensor from inside a Scan, so this owns two sessions: the points decoder with
+    the Scan's inputs as extra outputs, and the graph under the Scan that holds the GEMMs, made a
+    model of its own (`_upscaler_alone`) and run once per prompt on that prompt's slice of them.
+    """
+
+    def __init__(self, src, work, threads=None):
+        """src: Path of a current points decoder; work: directory for the two tapped graphs."""
+        model = onnx.load(str(src))
+        alone, self._feeds, self._matmuls = _upscaler_alone(model, src)
+        self._taps = [o.name for o in alone.graph.output]
+        onnx.save(alone, str(work / "upscaler.gemm-inputs.onnx"))
+        model.graph.output.extend(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None)
+                                  for t in sorted(set(self._feeds.values())))
+        onnx.save(model, str(work / "points_decoder.scan-inputs.onnx"))
+        options = make_session_options(threads)
+        self._outer = ort.InferenceSession(str(work / "points_decoder.scan-inputs.onnx"), options,
+                                           providers=["CPUExecutionProvider"])
+        self._inner = ort.InferenceSession(str(work / "upscaler.gemm-inputs.onnx"), options,
+                                           providers=["CPUExecutionProvider"])
+
+    def grams(self, feeds):
+        """Args: feeds: points decoder input dicts (`calibration.points_decoder_feed`).
+        Returns: {weight initializer name: (K, K) float64}."""
+        inner_names = sorted(self._feeds)
+        sums = {}
+        for feed in feeds:
+            per_batch = self._outer.run([self._feeds[name] for name in inner_names], feed)  # each (B, ...)
+            for b in range(per_batch[0].shape[0]):
+                taps = self._inner.run(self._taps, {name: x[b] for name, x in zip(inner_names, per_batch)})
+                for tensor, x in zip(self._taps, taps):
+                    rows = x.reshape(-1, x.shape[-1]).astype(np.float64)  # (rows, K)
+                    sums[tensor] = sums.get(tensor, 0.0) + rows.T @ rows
+        grams = {}
+        for node in self._matmuls:
+            if node.input[0] in sums:
+                grams[node.input[1]] = grams.get(node.input[1], 0.0) + sums[node.input[0]]
+        return grams
+
+
+def int8_upscaler(src, out, reduce_range=True, grams=None):
     """Write a copy of a points decoder whose upscaler GEMMs are DynamicQuantizeMatMul.
 
     The upscaler is the body of the graph's one Scan (see `export_onnx.export_points_decoder`);
@@ -137,6 +230,8 @@ def int8_upscaler(src, out, reduce_range=True):
         out: Path to write.
         reduce_range: 7-bit weights (qmax 63): 2 x 255 x 63 < 32767, so the u8 x s8 pair sums of
             x86 CPUs without VNNI cannot saturate; 8-bit otherwise.
+        grams: {weight name: (K, K)} from `UpscalerInputGrams`: those weights are rounded by GPTQ
+            (`gptq.gptq_int8`); None rounds every weight to nearest.
 
     Returns:
         (converted, biases): how many MatMuls were converted (6 for vit_t) and how many bias Adds
@@ -146,9 +241,7 @@ def int8_upscaler(src, out, reduce_range=True):
         ValueError: the graph has no Scan, or no constant-weight MatMul inside it.
     """
     model = onnx.load(str(src))
-    scans = [n for n in model.graph.node if n.op_type == "Scan"]
-    if len(scans) != 1:
-        raise ValueError(f"{src}: expected the points decoder's one per-prompt upscaler Scan, found {len(scans)} Scan nodes")
+    scans = [_the_scan(model, src)]
     qmax = 63 if reduce_range else 127
     outer = {i.name: i for i in model.graph.initializer}
     readers = _read_counts(model.graph)
@@ -163,7 +256,8 @@ def int8_upscaler(src, out, reduce_range=True):
             outputs, bias = (add[0].output, add[1]) if add else (node.output, None)
             # In place: re-adding nodes would copy them and detach the nested graphs still to visit.
             node.CopyFrom(dynamic_quantize_matmul(graph, node.name or node.output[0], node.input[0], weight,
-                                                  outputs, qmax, bias, weight_key=node.input[1]))
+                                                  outputs, qmax, bias, weight_key=node.input[1],
+                                                  gram=(grams or {}).get(node.input[1])))
             converted += 1
             if add:
                 folded.append((graph, add[0]))

@@ -812,6 +812,7 @@ def test_cli_int8_upscaler_quantizes_the_points_decoder(fp32_model_dir, calib_di
     assert manifest.decoder.sha256 == fp32.decoder.sha256  # mask-input prompts: the FP32 decoder
     recipe = manifest.quantization["graphs"]["points_decoder"]
     assert recipe["converted_matmuls"] == 6 and recipe["biases_in_matmul"] == 6 and recipe["reduce_range"] is True
+    assert recipe["dynamic_weight_rounding"].startswith("gptq")  # the default, on the calibration prompts
     assert manifest.quantization["points_decoder"].startswith("upscaler GEMMs int8")
     size = manifest.quantization["sizes"]["points_decoder"]
     assert size["precision"] == "int8-upscaler" and size["bytes"] < size["fp32_bytes"]

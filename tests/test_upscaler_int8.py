@@ -5,7 +5,8 @@ import onnx
 import pytest
 
 from conftest import synthetic_image
-from tinysam_export.upscaler_int8 import _graphs_under, int8_upscaler, per_column_int8
+from tinysam_export import calibration
+from tinysam_export.upscaler_int8 import UpscalerInputGrams, _graphs_under, int8_upscaler, per_column_int8
 from tinysam_rt.manifest import load_manifest
 from tinysam_rt.predictor import TinySAMPredictor
 from tinysam_rt.sessions import PointsDecoderSession
@@ -84,6 +85,52 @@ def test_int8_upscaler_moves_masks_only(int8_points, fp32_model_dir, tmp_path):
     # The upscaler gate still skips prompts whose IoUs are all below the threshold.
     gated, _ = int8.run(features, coords, labels, upscale_iou_threshold=float(iou_fp32.max()) + 1.0)
     assert not gated.any()
+
+
+def _grid_prompts(rng, count):
+    """(count, 2, 2) coords (one point + SAM's padding point), (count, 2) labels."""
+    coords = np.concatenate([rng.uniform(0, 1000, (count, 1, 2)), np.zeros((count, 1, 2))], axis=1).astype(np.float32)
+    return coords, np.tile(np.array([[1, -1]], np.float32), (count, 1))
+
+
+def test_upscaler_input_grams_add_up_over_feeds_and_shared_weights(fp32_model_dir, tmp_path):
+    manifest = load_manifest(fp32_model_dir)
+    features = TinySAMPredictor(synthetic_image(600, 800, seed=3), model_dir=fp32_model_dir).embedding.features
+    feeds = [calibration.points_decoder_feed(calibration.decoder_feeds(features, *_grid_prompts(np.random.default_rng(k), 2)))
+             for k in range(2)]
+    taps = UpscalerInputGrams(manifest.points_decoder.path, tmp_path, threads=1)
+    both, first, second = taps.grams(feeds), taps.grams(feeds[:1]), taps.grams(feeds[1:])
+    # One Gram matrix per float weight; the second conv's two kernel-row halves read the same
+    # two inputs (one per first-conv half), so theirs are equal.
+    assert sorted(both) == ["upscale/upscaler.w1_0", "upscale/upscaler.w1_1", "upscale/upscaler.w2_0", "upscale/upscaler.w2_1"]
+    assert both["upscale/upscaler.w1_0"].shape == (256, 256) and both["upscale/upscaler.w2_0"].shape == (64, 64)
+    np.testing.assert_array_equal(both["upscale/upscaler.w1_0"], both["upscale/upscaler.w1_1"])
+    np.testing.assert_array_equal(both["upscale/upscaler.w2_0"], both["upscale/upscaler.w2_1"])
+    for name, gram in both.items():
+        np.testing.assert_allclose(gram, first[name] + second[name], rtol=1e-9)  # a sum over prompts
+        np.testing.assert_allclose(gram, gram.T, rtol=1e-12)
+        assert np.linalg.eigvalsh(gram).min() > -1e-6 * np.trace(gram)
+
+
+def test_gptq_upscaler_is_closer_to_fp32_on_other_prompts(fp32_model_dir, int8_points, tmp_path):
+    import dataclasses
+
+    manifest = load_manifest(fp32_model_dir)
+    calib_features = TinySAMPredictor(synthetic_image(600, 800, seed=3), model_dir=fp32_model_dir).embedding.features
+    feeds = [calibration.points_decoder_feed(calibration.decoder_feeds(calib_features, *_grid_prompts(np.random.default_rng(k), 4)))
+             for k in range(3)]
+    grams = UpscalerInputGrams(manifest.points_decoder.path, tmp_path, threads=1).grams(feeds)
+    converted, _ = int8_upscaler(manifest.points_decoder.path, tmp_path / "gptq.onnx", grams=grams)
+    assert converted == 6
+    sessions = {name: PointsDecoderSession(dataclasses.replace(manifest.points_decoder, path=path))
+                for name, path in (("fp32", manifest.points_decoder.path), ("nearest", int8_points[0]),
+                                   ("gptq", tmp_path / "gptq.onnx"))}
+    # Another image and other prompts than the calibration ones.
+    features = TinySAMPredictor(synthetic_image(700, 500, seed=9), model_dir=fp32_model_dir).embedding.features
+    coords, labels = _grid_prompts(np.random.default_rng(42), 8)
+    masks = {name: s.run(features, coords, labels)[0] for name, s in sessions.items()}
+    error = {name: float(np.mean((masks[name] - masks["fp32"]) ** 2)) for name in ("nearest", "gptq")}
+    assert error["gptq"] < 0.8 * error["nearest"], error  # measured 0.43
 
 
 def test_eight_bit_weights_on_request(fp32_model_dir, tmp_path):
