@@ -210,7 +210,8 @@ def main(argv=None):
              "update_command": list(argv if argv is not None else sys.argv[1:])}
     models = [a for m in args.model or [] for a in ("--model", m)]
     if args.from_json:  # fill in provenance the files lack (written by an older update_results)
-        for name in ("bench.json", "compare_torch.json"):
+        # --skip-torch: the torch section is not re-rendered, so its file keeps its own notes.
+        for name in ("bench.json",) + (() if args.skip_torch else ("compare_torch.json",)):
             if (out / name).exists():
                 report = json.loads((out / name).read_text())
                 # the measuring command stays; notes given now replace older ones

@@ -57,3 +57,10 @@ def test_from_json_rerenders_only_its_sections(tmp_path):
     assert "stale" not in text and other in text
     assert text.count("## tinysam-bench\n") == 1 and text.count("## PyTorch vs ORT\n") == 1
     assert "- n1" in text and "| model | threads | stage | runs | p50 ms |" in text
+    # --skip-torch: only the tinysam-bench section and its JSON take the new note.
+    torch_json = (bench / "results" / "compare_torch.json").read_text()
+    result = subprocess.run([sys.executable, str(bench / "update_results.py"), "--from-json", "--skip-torch",
+                             "--note", "n2"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert (bench / "results" / "compare_torch.json").read_text() == torch_json
+    assert "- n2" in (bench / "RESULTS.md").read_text()
