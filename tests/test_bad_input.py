@@ -230,6 +230,8 @@ PREDICT_CASES = {
     "coords_ragged": (dict(point_coords=[[1, 2], [3]]), TypeError, "point_coords must be numeric array-like"),
     "coords_strings": (dict(point_coords=[["a", "b"]]), TypeError, "point_coords must be numeric array-like"),
     "coords_complex": (dict(point_coords=np.array([[1 + 2j, 3]])), TypeError, "point_coords must be real numbers"),
+    "coords_none": (dict(point_coords=np.array([[None, 2]])), TypeError, "point_coords must be numeric, got None"),
+    "box_none": (dict(box=[0, None, 5, 5]), TypeError, "box must be numeric, got None"),
     "labels_strings": (dict(point_coords=POINT, point_labels=["fg"]), TypeError, "point_labels must be numeric array-like"),
     "mask_64x64": (dict(point_coords=POINT, mask_input=np.zeros((1, 64, 64))), ValueError,
                    r"mask_input must have shape \(1, 256, 256\) \(low-res logits\), got \(1, 64, 64\)"),

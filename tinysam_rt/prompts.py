@@ -14,14 +14,19 @@ BOX_LABELS = (2.0, 3.0)
 
 
 def _as_float_array(value, name):
+    not_numeric = TypeError(f"{name} must be numeric array-like, got {type(value).__name__}")
     try:
         array = np.asarray(value)
-        complex_values = np.iscomplexobj(array)  # float64 would silently drop the imaginary part
-        array = array.astype(np.float64, copy=False) if not complex_values else array
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be numeric array-like, got {type(value).__name__}") from None
-    if complex_values:
+    except (TypeError, ValueError):  # e.g. ragged nesting
+        raise not_numeric from None
+    if array.dtype == object and any(v is None for v in array.flat):  # float64 would make it NaN
+        raise TypeError(f"{name} must be numeric, got None among its values")
+    if np.iscomplexobj(array):  # float64 would silently drop the imaginary part
         raise TypeError(f"{name} must be real numbers, got complex values")
+    try:
+        array = array.astype(np.float64, copy=False)
+    except (TypeError, ValueError):
+        raise not_numeric from None
     if not np.all(np.isfinite(array)):
         raise ValueError(f"{name} contains NaN or inf")
     return array
