@@ -20,7 +20,7 @@ import pytest
 
 from conftest import synthetic_image
 from tinysam_export import calibration, fidelity, quantize
-from tinysam_export.upscaler_int8 import _graphs_under
+from tinysam_export.upscaler_int8 import _graphs_under, per_column_int8
 from tinysam_rt import cli, gemm_peak, prompts
 from tinysam_rt.io import load_image, write_png
 from tinysam_rt.manifest import Preprocess, load_manifest
@@ -800,6 +800,34 @@ def test_cli_only_encoder_keeps_the_fp32_decoders(fp32_model_dir, calib_dir, tmp
     assert manifest.points_decoder is not None
     assert manifest.quantization["points_decoder"] == "copied (decoder not quantized)"
     TinySAMPredictor(synthetic_image(64, 64), model_dir=out).predict(point_coords=[[10, 20]])
+
+
+def test_cli_weight_rounding_nearest_rounds_each_weight_alone(fp32_model_dir, calib_dir, tmp_path, capsys):
+    out = tmp_path / "nearest"
+    code = _quantize_cli(fp32_model_dir, calib_dir, out, "--no-gate", "--linear", "dynamic", "--weight-rounding", "nearest")
+    assert code == 0, capsys.readouterr().err
+    manifest = load_manifest(out)
+    assert manifest.quantization["graphs"]["encoder"]["dynamic_weight_rounding"] == "nearest"
+    # Every per-call weight is exactly the nearest 7-bit level of its float weight.
+    prepared = quantize.prepare_graph(load_manifest(fp32_model_dir).encoder.path, tmp_path / "prepared.onnx")
+    float_model = onnx.load(str(prepared))
+    floats = {i.name: onnx.numpy_helper.to_array(i) for i in float_model.graph.initializer}
+    gemm_weights = {n.name: floats[n.input[1]] for n in float_model.graph.node if n.op_type == "Gemm"}
+    ints = {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(str(manifest.encoder.path)).graph.initializer}
+    checked = 0
+    for name, weight in gemm_weights.items():
+        if f"{name}_dq_weight" in ints:
+            np.testing.assert_array_equal(ints[f"{name}_dq_weight"], per_column_int8(weight, 63)[0])
+            checked += 1
+    assert checked == len(gemm_weights) > 0
+
+
+def test_cli_bad_weight_rounding_is_a_usage_error(fp32_model_dir, calib_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        _quantize_cli(fp32_model_dir, calib_dir, tmp_path / "out", "--weight-rounding", "adaround")
+    assert exit_info.value.code == 2
+    assert "argument --weight-rounding: invalid choice: 'adaround'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_cli_int8_upscaler_quantizes_the_points_decoder(fp32_model_dir, calib_dir, tmp_path, capsys):
