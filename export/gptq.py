@@ -60,6 +60,20 @@ def gptq_int8(weight, gram, qmax, damp=GPTQ_DAMP):
     return q, scale.astype(np.float32)
 
 
+def gram(x):
+    """(..., K) float activations -> (K, K) float64 X^T X over all leading positions (rows)."""
+    rows = x.reshape(-1, x.shape[-1]).astype(np.float64)  # (rows, K)
+    return rows.T @ rows
+
+
+def add_float_outputs(model, names):
+    """Make the tensors `names` of `model`'s main graph extra float outputs (ones already
+    outputs are left as they are), so a session can hand them out."""
+    existing = {o.name for o in model.graph.output}
+    model.graph.output.extend(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
+                              for name in sorted(set(names) - existing))
+
+
 class GemmInputGrams:
     """The Gram matrix X^T X of every Gemm's input over calibration feeds.
 
@@ -73,9 +87,7 @@ class GemmInputGrams:
         graph = model.graph
         constants = {i.name for i in graph.initializer}
         self.inputs = {n.name: n.input[0] for n in graph.node if n.op_type == "Gemm" and n.input[0] not in constants}
-        existing = {o.name for o in graph.output}
-        for tensor in sorted(set(self.inputs.values()) - existing):
-            graph.output.append(onnx.helper.make_tensor_value_info(tensor, onnx.TensorProto.FLOAT, None))
+        add_float_outputs(model, self.inputs.values())
         onnx.save(model, str(out))
         self._session = ort.InferenceSession(str(out), make_session_options(threads),
                                              providers=["CPUExecutionProvider"])
@@ -86,6 +98,5 @@ class GemmInputGrams:
         sums = {}
         for feed in feeds:
             for tensor, x in zip(self._wanted, self._session.run(self._wanted, feed)):
-                rows = x.reshape(-1, x.shape[-1]).astype(np.float64)  # (rows, K)
-                sums[tensor] = sums.get(tensor, 0.0) + rows.T @ rows
+                sums[tensor] = sums.get(tensor, 0.0) + gram(x)
         return {name: sums[tensor] for name, tensor in self.inputs.items() if tensor in sums}

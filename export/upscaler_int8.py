@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from tinysam_export.gptq import gptq_int8
+from tinysam_export.gptq import add_float_outputs, gptq_int8, gram
 from tinysam_rt.sessions import make_session_options
 
 UPSCALER_PRECISION = "int8-upscaler"  # the points decoder's manifest precision after `int8_upscaler`
@@ -141,7 +141,9 @@ def _constant_matmuls(graph, inits):
 
 def _upscaler_alone(model, src):
     """The graph under the points decoder's Scan that holds the upscaler GEMMs, as a model of its
-    own whose outputs are those GEMMs' inputs.
+    own whose outputs are those GEMMs' inputs. Only the first such graph (the exporter puts all
+    of them in the gate's If branch); GEMMs in any other would get no Gram matrix, so nearest
+    rounding.
 
     Returns:
         (ModelProto, {its input name: the Scan input it is a per-prompt slice of},
@@ -186,8 +188,7 @@ class UpscalerInputGrams:
         alone, self._feeds, self._matmuls = _upscaler_alone(model, src)
         self._taps = [o.name for o in alone.graph.output]
         onnx.save(alone, str(work / "upscaler.gemm-inputs.onnx"))
-        model.graph.output.extend(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None)
-                                  for t in sorted(set(self._feeds.values())))
+        add_float_outputs(model, self._feeds.values())
         onnx.save(model, str(work / "points_decoder.scan-inputs.onnx"))
         options = make_session_options(threads)
         self._outer = ort.InferenceSession(str(work / "points_decoder.scan-inputs.onnx"), options,
@@ -205,8 +206,7 @@ class UpscalerInputGrams:
             for b in range(per_batch[0].shape[0]):
                 taps = self._inner.run(self._taps, {name: x[b] for name, x in zip(inner_names, per_batch)})
                 for tensor, x in zip(self._taps, taps):
-                    rows = x.reshape(-1, x.shape[-1]).astype(np.float64)  # (rows, K)
-                    sums[tensor] = sums.get(tensor, 0.0) + rows.T @ rows
+                    sums[tensor] = sums.get(tensor, 0.0) + gram(x)
         grams = {}
         for node in self._matmuls:
             if node.input[0] in sums:
@@ -241,17 +241,15 @@ def int8_upscaler(src, out, reduce_range=True, grams=None):
         ValueError: the graph has no Scan, or no constant-weight MatMul inside it.
     """
     model = onnx.load(str(src))
-    scans = [_the_scan(model, src)]
+    scan = _the_scan(model, src)
     qmax = 63 if reduce_range else 127
     outer = {i.name: i for i in model.graph.initializer}
     readers = _read_counts(model.graph)
     converted, folded = 0, []
-    for graph in _graphs_under(_subgraphs(scans[0])[0]):
+    for graph in _graphs_under(_subgraphs(scan)[0]):
         inits = {**outer, **{i.name: i for i in graph.initializer}}  # inner names shadow outer ones
-        for node in graph.node:
-            weight = onnx.numpy_helper.to_array(inits[node.input[1]]) if node.op_type == "MatMul" and node.input[1] in inits else None
-            if weight is None or weight.ndim != 2:
-                continue
+        for node in _constant_matmuls(graph, inits):
+            weight = onnx.numpy_helper.to_array(inits[node.input[1]])
             add = _bias_add(graph, node, inits, readers)
             outputs, bias = (add[0].output, add[1]) if add else (node.output, None)
             # In place: re-adding nodes would copy them and detach the nested graphs still to visit.

@@ -14,11 +14,11 @@ BOX_LABELS = (2.0, 3.0)
 
 
 def _as_float_array(value, name):
-    not_numeric = TypeError(f"{name} must be numeric array-like, got {type(value).__name__}")
+    not_numeric = f"{name} must be numeric array-like, got {type(value).__name__}"
     try:
         array = np.asarray(value)
     except (TypeError, ValueError):  # e.g. ragged nesting
-        raise not_numeric from None
+        raise TypeError(not_numeric) from None
     if array.dtype == object and any(v is None for v in array.flat):  # float64 would make it NaN
         raise TypeError(f"{name} must be numeric, got None among its values")
     if np.iscomplexobj(array):  # float64 would silently drop the imaginary part
@@ -26,7 +26,7 @@ def _as_float_array(value, name):
     try:
         array = array.astype(np.float64, copy=False)
     except (TypeError, ValueError):
-        raise not_numeric from None
+        raise TypeError(not_numeric) from None
     if not np.all(np.isfinite(array)):
         raise ValueError(f"{name} contains NaN or inf")
     return array
