@@ -134,7 +134,9 @@ def export_points_decoder(model, path, weights_id, opset=17):
     Three traces joined with `onnx_scan`: `PointsDecoderOnnx` for the B prompts up to the
     upscaler, reading the per-image `image_side` that `cached_or_computed` takes from the
     caller's cache or computes with `ImageSideOnnx`; then a Scan running `UpscalerOnnx` once per
-    prompt, gated by `gate_body` on the prompt's predicted IoUs and `upscale_iou_threshold`.
+    prompt, gated by `gate_body` on the prompt's predicted IoUs and `upscale_iou_threshold`. The
+    Scan slices the per-prompt values and reads the two per-image ones (`shared0`, `shared1`)
+    whole, from outside its body.
     """
     inputs, outputs = manifest_mod.POINTS_DECODER_INPUTS, manifest_mod.POINTS_DECODER_OUTPUTS
     (masks_name, (_, masks, h, w)), (iou_name, iou_shape), (side_name, side_shape) = outputs
@@ -143,26 +145,35 @@ def export_points_decoder(model, path, weights_id, opset=17):
     grid_h, grid_w = model.prompt_encoder.image_embedding_size  # 64 x 64 image tokens
     channels = model.mask_decoder.transformer_dim  # 256
     hyper_channels = model.mask_decoder.output_upscaling[3].out_channels  # 32
-    tokens_shape, hyper_shape = ("B", grid_h * grid_w, channels), ("B", masks, hyper_channels)
+    with torch.no_grad():
+        embeddings, coords, labels = _example_decoder_inputs(TRACE_B, TRACE_N)[:3]
+        side = ImageSideOnnx(model).eval()(embeddings)
+        head_example = PointsDecoderOnnx(model).eval()(embeddings, coords, labels, side)
+    weights0, weights1, rstd0, rstd1, rows0, rows1, hyper_in, _, shared0, shared1 = head_example
+    # (name, shape) of every value the head hands the Scan; "B" is the batch, "hT" heads x tokens.
+    positions = grid_h * grid_w
+    to_body = (("weights0", ("B", positions, "hT")), ("weights1", ("B", positions, "hT")),
+               ("rstd0", ("B", positions, 1)), ("rstd1", ("B", positions, 1)),
+               ("rows0", ("B", "2hT", rows0.shape[-1])), ("rows1", ("B", "2hT", rows1.shape[-1])),
+               ("hyper_in", ("B", masks, hyper_channels)))
+    shared = (("shared0", tuple(shared0.shape)), ("shared1", tuple(shared1.shape)))  # per image, read whole
     # The head reads the image side as an input; cached_or_computed then makes it an If's output.
     head_inputs = tuple(item for item in inputs if item[0] not in (gate_name, cache_name)) + ((side_name, side_shape),)
-    head_outputs = (("image_tokens", tokens_shape), ("hyper_in", hyper_shape), (iou_name, iou_shape))
-    body_inputs = [("image_tokens", tokens_shape[1:]), ("hyper_in", hyper_shape[1:])]
-    embeddings, coords, labels = _example_decoder_inputs(TRACE_B, TRACE_N)[:3]
-    with torch.no_grad():
-        side = ImageSideOnnx(model).eval()(embeddings)
-        tokens, hyper_in, _ = PointsDecoderOnnx(model).eval()(embeddings, coords, labels, side)
+    head_outputs = to_body + ((iou_name, iou_shape),) + shared
     head = _torch_export(PointsDecoderOnnx(model).eval(), (embeddings, coords, labels, side), head_inputs,
                          head_outputs, _dynamic_axes(head_inputs + head_outputs), opset)
     compute_side = _torch_export(ImageSideOnnx(model).eval(), (embeddings,), inputs[:1], [(side_name, side_shape)],
                                  None, opset)
     cached_or_computed(head, side_name, cache_name, compute_side, prefix="image_side/")
     head.graph.input.append(onnx.helper.make_tensor_value_info(gate_name, onnx.TensorProto.FLOAT, list(gate_shape)))
-    body = _torch_export(UpscalerOnnx(model).eval(), (tokens[0], hyper_in[0]), body_inputs,
-                         [(masks_name, (masks, h, w))], None, opset)
+    body_inputs = [(name, shape[1:]) for name, shape in to_body] + list(shared)
+    body_example = tuple(x[0] for x in (weights0, weights1, rstd0, rstd1, rows0, rows1, hyper_in)) + (shared0, shared1)
+    body = _torch_export(UpscalerOnnx(model).eval(), body_example,
+                         body_inputs, [(masks_name, (masks, h, w))], _dynamic_axes(body_inputs), opset)
     body = gate_body(body, (iou_name, iou_shape[1:]), gate_name)
-    joined = scan_over_batch(head, body, ["image_tokens", "hyper_in", iou_name], [masks_name],
-                             [masks_name, iou_name, side_name], prefix="upscale/")
+    joined = scan_over_batch(head, body, [name for name, _ in to_body] + [iou_name], [masks_name],
+                             [masks_name, iou_name, side_name], prefix="upscale/",
+                             outer_values=[name for name, _ in shared])
     _reorder_inputs(joined, [name for name, _ in inputs])
     _write_graph(joined, path, outputs, weights_id)
 

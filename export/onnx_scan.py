@@ -44,11 +44,16 @@ def _rename(graph, rename, prefix):
             _rename(sub, rename, prefix)
 
 
-def _prefixed_body(body, prefix):
+def _prefixed_body(body, prefix, outer_values=()):
     """A copy of `body`'s graph with `prefix` on every name it defines and every node name, nested
-    graphs included; names it only refers to (outer-scope values) are left as they are."""
+    graphs included; names it only refers to (outer-scope values) are left as they are, and so
+    are its inputs named in `outer_values`, which are dropped from its inputs to become such
+    references."""
     graph = onnx.GraphProto()
     graph.CopyFrom(body.graph)
+    kept = [value for value in graph.input if value.name not in outer_values]
+    del graph.input[:]
+    graph.input.extend(kept)
     _rename(graph, {name: prefix + name for name in _defined_names(graph)}, prefix)
     graph.name = prefix.rstrip("/") or "body"
     return graph
@@ -106,32 +111,41 @@ def gate_body(body, score_input, threshold):
     return model
 
 
-def scan_over_batch(outer, body, scan_inputs, scan_outputs, graph_outputs, prefix):
+def scan_over_batch(outer, body, scan_inputs, scan_outputs, graph_outputs, prefix, outer_values=()):
     """Append to `outer` a Scan that runs `body` on each item along axis 0 of `scan_inputs`.
 
     Args:
-        outer: onnx.ModelProto whose graph produces every name in `scan_inputs` (B, ...).
-        body: onnx.ModelProto for one item: one input per `scan_inputs` entry (in order, without
-            the B axis), one output per `scan_outputs` entry. Same opsets as `outer`.
+        outer: onnx.ModelProto whose graph produces every name in `scan_inputs` (B, ...) and in
+            `outer_values`.
+        body: onnx.ModelProto for one item: one input per `outer_values` entry (same name), and
+            one per `scan_inputs` entry (the others, in order, without the B axis); one output
+            per `scan_outputs` entry. Same opsets as `outer`.
         scan_inputs: names of outer values scanned along axis 0.
         scan_outputs: names for the Scan's outputs, the body's outputs stacked on a new axis 0.
         graph_outputs: the final graph outputs in order: names of outer outputs and/or of
             `scan_outputs` (typed as the body's output behind the first scan input's axis 0).
         prefix: prepended to every name in the body, e.g. "upscale/".
+        outer_values: outer values every item reads whole (not scanned): the body refers to them
+            by name instead of taking a per-item copy.
     Returns:
         `outer`, modified in place and checked with onnx.checker.
     Raises:
-        ValueError: the input/output counts do not match the body, or an opset differs.
+        ValueError: the input/output counts or the outer values' names do not match the body,
+            or an opset differs.
     """
-    if len(body.graph.input) != len(scan_inputs) or len(body.graph.output) != len(scan_outputs):
-        raise ValueError(f"body has {len(body.graph.input)} inputs / {len(body.graph.output)} outputs, "
+    body_inputs = [value.name for value in body.graph.input]
+    if set(outer_values) - set(body_inputs):
+        raise ValueError(f"outer values {sorted(set(outer_values) - set(body_inputs))} are not inputs of the body")
+    scanned = len(body_inputs) - len(set(outer_values))
+    if scanned != len(scan_inputs) or len(body.graph.output) != len(scan_outputs):
+        raise ValueError(f"body has {scanned} inputs / {len(body.graph.output)} outputs besides the outer values, "
                          f"scan_inputs {len(scan_inputs)} / scan_outputs {len(scan_outputs)}")
     opsets = {(o.domain, o.version) for o in outer.opset_import}
     if {(o.domain, o.version) for o in body.opset_import} - opsets:
         raise ValueError(f"body opsets {list(body.opset_import)} are not all in the outer model's {list(outer.opset_import)}")
     graph = outer.graph
     scan = helper.make_node("Scan", list(scan_inputs), list(scan_outputs), name=prefix + "scan",
-                            num_scan_inputs=len(scan_inputs), body=_prefixed_body(body, prefix))
+                            num_scan_inputs=len(scan_inputs), body=_prefixed_body(body, prefix, outer_values))
     graph.node.append(scan)
     declared = {value.name: value for value in graph.output}
     outputs = []

@@ -193,10 +193,11 @@ def test_flops_are_consistent_and_near_the_published_figure(bench_report_json):
     assert flops["decoder_1"]["graph"] == flops["decoder_batch"]["graph"] == "points_decoder"
     shared = 2 * flops["decoder_1"]["macs"] - flops["decoder_batch"]["macs"]
     per_prompt = flops["decoder_batch"]["macs"] - flops["decoder_1"]["macs"]
-    # 3 of layer 0's 4096 x 256 x 128 image-side projections are shared (~0.4 GMAC);
-    # about 0.80 GMAC stays per prompt (vs 1.83 in the plain decoder).
-    assert shared == pytest.approx(3 * 4096 * 256 * 128, rel=0.05)
-    assert 0.7e9 < per_prompt < 1.0e9
+    # 3 of layer 0's 4096 x 256 x 128 image-side projections and the image's part of the first
+    # upscaler GEMM (4096 x 256 x 256) are shared (~0.67 GMAC); about 0.66 GMAC stays per prompt
+    # (vs 0.80 before that GEMM was factored, 1.83 in the plain decoder).
+    assert shared == pytest.approx(3 * 4096 * 256 * 128 + 4096 * 256 * 256, rel=0.05)
+    assert 0.6e9 < per_prompt < 0.72e9, per_prompt
     assert flops["encoder"]["by_kind"]["matmul_batched"] > 0  # window attention is counted
     # TinySAM reports 42.0 G "FLOPs" = multiply-accumulates; our count of the same graph is close.
     assert 0.9 < flops["published"]["ours_over_published"] < 1.1

@@ -104,7 +104,7 @@ def _region_model_dir(out_dir, points_decoder=None):
             node("ConstantOfShape", ["side_shape"], ["image_side"]),  # nothing per image here
         ]
         extra = [numpy_helper.from_array(np.array([2, 3], np.int64), "ax23"),
-                 numpy_helper.from_array(np.array(manifest_mod.POINTS_DECODER_IMAGE_SIDE[1], np.int64), "side_shape")]
+                 numpy_helper.from_array(np.array((1, *manifest_mod.POINTS_DECODER_IMAGE_SIDE[1][1:]), np.int64), "side_shape")]
         outputs = manifest_mod.POINTS_DECODER_OUTPUTS
         graphs.append(("points_decoder", helper.make_graph(gate, "region_points_gated", io(inputs), io(outputs),
                                                            initializers + extra), inputs, outputs))

@@ -201,7 +201,7 @@ def test_points_decoder_image_side_cache_changes_no_bit(torch_model, torch_embed
     cache = {}
     computed = points_decoder.run(embeddings, feeds["point_coords"], feeds["point_labels"], cache=cache)
     (key, image_side), = cache.items()
-    assert image_side.shape == (3, 8, 4096, 16) and not image_side.flags.writeable
+    assert image_side.shape == (5, 8, 4096, 16) and not image_side.flags.writeable
     assert key[1] == points_decoder.graph.sha256  # another graph file would not read it
     # Read back from the cache on the next call: bit for bit the same outputs, still SAM's.
     again = points_decoder.run(embeddings, feeds["point_coords"], feeds["point_labels"], cache=cache)

@@ -56,6 +56,24 @@ def test_scan_runs_the_body_once_per_item_with_its_own_names():
     np.testing.assert_allclose(z, x + 1)
 
 
+def test_outer_values_are_read_whole_by_every_item():
+    """The body's `z` input names an outer (B, 3) value: every item reads all of it, not its row."""
+    body = _body()
+    for value in (body.graph.input[1], body.graph.output[1]):  # z (B, 3) -> m (B, 2)
+        value.type.tensor_type.shape.dim.insert(0, onnx.TensorShapeProto.Dimension(dim_param="B"))
+    model = scan_over_batch(_outer(), body, ["y"], ["sums", "mats"], ["sums", "mats"], prefix="item/", outer_values=["z"])
+    scan = next(n for n in model.graph.node if n.op_type == "Scan")
+    assert list(scan.input) == ["y"]
+    x = np.arange(12, dtype=np.float32).reshape(4, 3) - 5
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    sums, mats = session.run(None, {"x": x})
+    whole = (x + 1) @ np.arange(6, dtype=np.float32).reshape(3, 2)  # (B, 2), the same for every item
+    np.testing.assert_allclose(mats, np.broadcast_to(whole, (4, 4, 2)))
+    np.testing.assert_allclose(sums, (x * np.array([1, 2, 3], np.float32) * np.array([10, 20, 30], np.float32)).sum(1))
+    with pytest.raises(ValueError, match=r"outer values \['q'\] are not inputs"):
+        scan_over_batch(_outer(), _body(), ["y"], ["sums", "mats"], ["sums"], prefix="item/", outer_values=["q"])
+
+
 def test_mismatched_counts_and_unknown_outputs_are_named():
     with pytest.raises(ValueError, match="body has 2 inputs"):
         scan_over_batch(_outer(), _body(), ["y"], ["sums", "mats"], ["sums"], prefix="item/")

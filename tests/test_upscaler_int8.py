@@ -6,7 +6,7 @@ import pytest
 
 from conftest import synthetic_image
 from tinysam_export import calibration
-from tinysam_export.upscaler_int8 import UpscalerInputGrams, _graphs_under, int8_upscaler, per_column_int8
+from tinysam_export.upscaler_int8 import UpscalerInputGrams, _graphs_under, int8_upscaler, on_image_tokens, per_column_int8
 from tinysam_rt.manifest import load_manifest
 from tinysam_rt.predictor import TinySAMPredictor
 from tinysam_rt.sessions import PointsDecoderSession
@@ -29,9 +29,7 @@ def test_per_column_int8_scales_each_output_column():
 
 def _scan_body_ops(path):
     model = onnx.load(str(path))
-    scan = next(n for n in model.graph.node if n.op_type == "Scan")
-    body = next(a.g for a in scan.attribute if a.name == "body")
-    return model, [n for g in _graphs_under(body) for n in g.node]
+    return model, _scan_body_ops_of(model)
 
 
 def test_upscaler_gemms_become_dynamic_quantize_matmul(int8_points, fp32_model_dir):
@@ -55,12 +53,54 @@ def test_upscaler_gemms_become_dynamic_quantize_matmul(int8_points, fp32_model_d
         if node.op_type == "DynamicQuantizeMatMul":
             q = onnx.numpy_helper.to_array(weights[node.input[1]])
             assert q.dtype == np.int8 and np.abs(q).max() == 63  # 7-bit: no AVX2 pair saturation
-    # The float copies are gone (2 x (256, 128) and 2 x (64, 64) weights), not kept beside the int8 ones.
-    fp32_bytes = (fp32_model_dir / "points_decoder.onnx").stat().st_size
-    assert fp32_bytes - path.stat().st_size > 3 * (256 * 256 + 64 * 128) * 0.9
-    # The main graph's transformer is untouched.
-    fp32_main = [n.op_type for n in onnx.load(str(fp32_model_dir / "points_decoder.onnx")).graph.node]
-    assert [n.op_type for n in model.graph.node] == fp32_main
+    # The second conv's float copies (2 x (64, 64)) are gone, not kept beside the int8 ones.
+    assert not [name for name in weights if name.endswith(("w2_0", "w2_1"))]
+    # The main graph's transformer is untouched: it only lost the nodes that computed the factored
+    # first GEMM's per-prompt inputs (now unread).
+    fp32_main = {(n.name, n.op_type) for n in onnx.load(str(fp32_model_dir / "points_decoder.onnx")).graph.node}
+    assert {(n.name, n.op_type) for n in model.graph.node if n.op_type != "Scan"} < fp32_main
+
+
+def test_on_image_tokens_undoes_the_factoring_exactly(fp32_model_dir, tmp_path):
+    """The FP32 export computes the first upscaler GEMM from per-prompt factors; `on_image_tokens`
+    puts it back on the image tokens (what int8_upscaler quantizes): the same function."""
+    import dataclasses
+
+    source = fp32_model_dir / "points_decoder.onnx"
+    model = on_image_tokens(onnx.load(str(source)), source)
+    scan = next(n for n in model.graph.node if n.op_type == "Scan")
+    assert "rows0" not in scan.input and len(scan.input) == 3  # hyper_in, iou_predictions, image tokens
+    weights = {i.name: i for g in _graphs_under(model.graph) for i in g.initializer}
+    first = [n for n in _scan_body_ops_of(model) if n.op_type == "MatMul" and n.input[1] in weights
+             and onnx.numpy_helper.to_array(weights[n.input[1]]).shape == (256, 128)]
+    assert len(first) == 2
+    onnx.save(model, tmp_path / "tokens.onnx")
+    manifest = load_manifest(fp32_model_dir)
+    factored = PointsDecoderSession(manifest.points_decoder)
+    tokens = PointsDecoderSession(dataclasses.replace(manifest.points_decoder, path=tmp_path / "tokens.onnx"))
+    features = TinySAMPredictor(synthetic_image(500, 700, seed=5), model_dir=fp32_model_dir).embedding.features
+    coords, labels = _grid_prompts(np.random.default_rng(7), 5)
+    (masks_f, iou_f), (masks_t, iou_t) = factored.run(features, coords, labels), tokens.run(features, coords, labels)
+    np.testing.assert_array_equal(iou_t, iou_f)
+    assert np.abs(masks_t - masks_f).max() < 1e-4
+    again = on_image_tokens(onnx.load(str(tmp_path / "tokens.onnx")), tmp_path / "tokens.onnx")  # nothing left to undo
+    assert again.SerializeToString() == onnx.load(str(tmp_path / "tokens.onnx")).SerializeToString()
+
+
+def test_on_image_tokens_names_what_a_factored_graph_lacks(fp32_model_dir):
+    source = fp32_model_dir / "points_decoder.onnx"
+    model = onnx.load(str(source))
+    for graph in _graphs_under(model.graph):
+        kept = [i for i in graph.initializer if not i.name.endswith("upscaler.w1_1")]
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
+    with pytest.raises(ValueError, match="first upscaler weights"):
+        on_image_tokens(model, source)
+
+
+def _scan_body_ops_of(model):
+    scan = next(n for n in model.graph.node if n.op_type == "Scan")
+    return [n for g in _graphs_under(next(a.g for a in scan.attribute if a.name == "body")) for n in g.node]
 
 
 def test_int8_upscaler_moves_masks_only(int8_points, fp32_model_dir, tmp_path):
@@ -102,9 +142,10 @@ def test_upscaler_input_grams_add_up_over_feeds_and_shared_weights(fp32_model_di
     both, first, second = taps.grams(feeds), taps.grams(feeds[:1]), taps.grams(feeds[1:])
     # One Gram matrix per float weight; the second conv's two kernel-row halves read the same
     # two inputs (one per first-conv half), so theirs are equal.
-    assert sorted(both) == ["upscale/upscaler.w1_0", "upscale/upscaler.w1_1", "upscale/upscaler.w2_0", "upscale/upscaler.w2_1"]
-    assert both["upscale/upscaler.w1_0"].shape == (256, 256) and both["upscale/upscaler.w2_0"].shape == (64, 64)
-    np.testing.assert_array_equal(both["upscale/upscaler.w1_0"], both["upscale/upscaler.w1_1"])
+    assert sorted(both) == ["upscale/image_tokens/w1_0", "upscale/image_tokens/w1_1", "upscale/upscaler.w2_0",
+                            "upscale/upscaler.w2_1"]
+    assert both["upscale/image_tokens/w1_0"].shape == (256, 256) and both["upscale/upscaler.w2_0"].shape == (64, 64)
+    np.testing.assert_array_equal(both["upscale/image_tokens/w1_0"], both["upscale/image_tokens/w1_1"])
     np.testing.assert_array_equal(both["upscale/upscaler.w2_0"], both["upscale/upscaler.w2_1"])
     for name, gram in both.items():
         np.testing.assert_allclose(gram, first[name] + second[name], rtol=1e-9)  # a sum over prompts

@@ -74,12 +74,13 @@ DECODER_OUTPUTS = (
 #   (the others come back as zeros; everything mode drops them by the same threshold);
 # - the per-image part of its first layer (`image_side`, the same for every prompt of an image):
 #   returned by every run, and passed back as `image_side_cache` on later runs for the same image
-#   it is not recomputed; an empty (0, 8, 4096, 16) cache means "compute it".
+#   it is not recomputed; an empty (0, 8, 4096, 16) cache means "compute it". Its first axis is
+#   the graph's own business (3 slices in exports before the factored upscaler, 5 since).
 # Exports made before these existed have the first three inputs and two outputs only (the
 # "basic" contract); sessions accept both.
 POINTS_DECODER_GATE = ("upscale_iou_threshold", ())
 POINTS_DECODER_CACHE = ("image_side_cache", ("S", 8, 4096, 16))
-POINTS_DECODER_IMAGE_SIDE = ("image_side", (3, 8, 4096, 16))
+POINTS_DECODER_IMAGE_SIDE = ("image_side", ("S", 8, 4096, 16))
 POINTS_DECODER_INPUTS = DECODER_INPUTS[:3] + (POINTS_DECODER_GATE, POINTS_DECODER_CACHE)
 POINTS_DECODER_OUTPUTS = DECODER_OUTPUTS + (POINTS_DECODER_IMAGE_SIDE,)
 POINTS_DECODER_BASIC_INPUTS = DECODER_INPUTS[:3]
