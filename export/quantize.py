@@ -29,8 +29,9 @@ Recipe (every choice measured; numbers and the commands in benchmarks/RESULTS.md
    (float16 weights) while that lowers the budget use (`search_dynamic_gemms`).
 5. Optionally (`upscaler="int8"`, CLI `--upscaler int8`) the points decoder's per-prompt mask
    upscaler GEMMs are quantized per call too (`upscaler_int8`; GPTQ-rounded against the
-   calibration prompts' upscaler inputs): 12-19 % less decoder time per prompt in everything
-   mode; masks move, predicted IoUs do not.
+   calibration prompts' upscaler inputs): 6-19 % less decoder time per prompt in everything
+   mode (6 % against an FP32 export whose first upscaler GEMM is factored, which `upscaler_int8`
+   first undoes); masks move, predicted IoUs do not.
 6. Accuracy gate on held-out photos + synthetic images against FP32, beside a
    `quantize_dynamic` baseline; output written only if the gate holds (atomic directory).
 
