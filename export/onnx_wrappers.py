@@ -479,8 +479,9 @@ class PointsDecoderOnnx(nn.Module):
 class UpscalerOnnx(nn.Module):
     """`UpscalerGemms` for one prompt of the points decoder: the body of its per-prompt Scan, the
     first GEMM made from `factored_first_weights`' factors and the image's shared products
-    (measured against the unfactored GEMM on (4096, 256) image tokens: 8.7 -> 6.4 ms per prompt
-    for this body alone, 15.9 -> 14.9 ms per prompt for the points decoder at B=16, 2 cores).
+    (measured against the unfactored GEMM on (4096, 256) image tokens, 2 cores: 8.7 -> 6.4 ms per
+    prompt for this body alone; the points decoder 1.04x-1.05x faster per prompt at B=16-64, a 32x32
+    run 1.11x; benchmarks/RESULTS.md, "Everything mode, session 11").
 
     One prompt at a time, the upscaler's intermediates (4 MB after the first ConvTranspose, 8 MB
     after the second) stay in cache; for a batch of 16 they are 64 and 128 MB and every

@@ -232,13 +232,20 @@ def on_image_tokens(model, src):
                          f"or the first upscaler weights; is it a tinysam-rt export?")
     beta = onnx.numpy_helper.to_array(inits[norm.input[2]]).astype(np.float64)  # (256,)
     rows = {body.input[list(scan.input).index(name)].name: k for k, name in enumerate(FACTORED_ROWS)}
-    tokens = body.input[0].name[: -len(scan.input[0])] + "image_tokens"  # the body's prefix + a new name
+    # scan_over_batch names body input k prefix + Scan input k: the new input gets the same prefix.
+    tokens = body.input[0].name[: -len(scan.input[0])] + "image_tokens"
+    found = 0
     for graph in _graphs_under(body):
         for node in [n for n in graph.node if n.op_type == "MatMul" and n.input[1] in rows]:
             k = rows[node.input[1]]
-            bias_add = next(n for n in graph.node if n.op_type == "Add" and node.output[0] in n.input)
-            bias_name = next(name for name in bias_add.input if name != node.output[0])
-            shared_add = next(n for n in graph.node if n.op_type == "Add" and bias_add.output[0] in n.input)
+            bias_add = next((n for n in graph.node if n.op_type == "Add" and node.output[0] in n.input), None)
+            bias_name = next((name for name in bias_add.input if name != node.output[0]), None) if bias_add else None
+            shared_add = next((n for n in graph.node if n.op_type == "Add" and bias_add.output[0] in n.input), None) \
+                if bias_add else None
+            if shared_add is None or bias_name not in inits:
+                raise ValueError(f"{src}: the factored first upscaler GEMM {node.name!r} is not followed by its "
+                                 f"constant bias and shared-product Adds; is it a tinysam-rt export?")
+            found += 1
             weight = onnx.numpy_helper.to_array(weights[k]).astype(np.float64)  # (256, (j1, c1))
             bias = onnx.numpy_helper.to_array(inits[bias_name]).astype(np.float64) - beta @ weight
             weight_name, bias_name = f"{tokens}/w1_{k}", f"{tokens}/b1_{k}"
@@ -249,6 +256,8 @@ def on_image_tokens(model, src):
             bias_add.output[:] = shared_add.output
             graph.node.remove(shared_add)
         _drop_unread(graph)
+    if found != len(FACTORED_ROWS):
+        raise ValueError(f"{src}: expected {len(FACTORED_ROWS)} factored first upscaler GEMMs, found {found}")
     # The final image tokens become a Scan input, after the others (the body's inputs follow them).
     scan.input.append(norm.output[0])
     body.input.append(onnx.helper.make_tensor_value_info(tokens, onnx.TensorProto.FLOAT, None))
