@@ -4,13 +4,13 @@
         --json benchmarks/results/ab_points_decoder.json
 
 For two exports of the same weights (e.g. before and after a change to the points decoder graph).
-The same FP32 embedding (A's encoder) feeds both, so only the decoders differ. A and B alternate
-call by call and run by run, so load drift lands on both alike:
+A and B alternate call by call and run by run, so load drift lands on both alike:
 - per prompt: everything-mode grid prompts (one point + SAM's padding point) in calls of each
   `--batches` size, image side cached, every mask computed, and one prompt computing the image
-  side (an image's first click); `--rounds` calls each;
+  side (an image's first click); `--rounds` calls each. The same embedding (A's encoder) feeds
+  both points decoders, so only they differ;
 - whole run: a 32 x 32 standard everything run with every mask computed (upscaler gate off),
-  encoder included, `--mode-rounds` runs each.
+  each side's own encoder included, `--mode-rounds` runs each.
 It also reports how far apart their masks are on the same prompts. Not a test: nothing here
 asserts speed.
 """
@@ -37,7 +37,8 @@ SIDES = ("A", "B")
 
 
 def bench_calls(predictors, image, batches, rounds):
-    """Per-prompt decoder time of each side's points decoder at each batch size (image side cached)."""
+    """Per-prompt time of each side's points decoder at each batch size (image side cached) and for
+    one prompt computing the image side; then the two sides' masks on the same prompts compared."""
     features = predictors["A"].embed(image).features
     caches = {side: {} for side in SIDES}  # each graph keeps its own image side
     decoders = {side: p._decoder.points_decoder for side, p in predictors.items()}
