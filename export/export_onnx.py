@@ -149,7 +149,7 @@ def export_points_decoder(model, path, weights_id, opset=17):
         embeddings, coords, labels = _example_decoder_inputs(TRACE_B, TRACE_N)[:3]
         side = ImageSideOnnx(model).eval()(embeddings)
         head_example = PointsDecoderOnnx(model).eval()(embeddings, coords, labels, side)
-    weights0, weights1, rstd0, rstd1, rows0, rows1, hyper_in, _, shared0, shared1 = head_example
+    *_, rows0, rows1, _, _, shared0, shared1 = head_example  # see PointsDecoderOnnx.forward
     # (name, shape) of every value the head hands the Scan; "B" is the batch, "hT" heads x tokens.
     positions = grid_h * grid_w
     to_body = (("weights0", ("B", positions, "hT")), ("weights1", ("B", positions, "hT")),
@@ -167,7 +167,7 @@ def export_points_decoder(model, path, weights_id, opset=17):
     cached_or_computed(head, side_name, cache_name, compute_side, prefix="image_side/")
     head.graph.input.append(onnx.helper.make_tensor_value_info(gate_name, onnx.TensorProto.FLOAT, list(gate_shape)))
     body_inputs = [(name, shape[1:]) for name, shape in to_body] + list(shared)
-    body_example = tuple(x[0] for x in (weights0, weights1, rstd0, rstd1, rows0, rows1, hyper_in)) + (shared0, shared1)
+    body_example = tuple(x[0] for x in head_example[:len(to_body)]) + (shared0, shared1)  # one prompt's
     body = _torch_export(UpscalerOnnx(model).eval(), body_example,
                          body_inputs, [(masks_name, (masks, h, w))], _dynamic_axes(body_inputs), opset)
     body = gate_body(body, (iou_name, iou_shape[1:]), gate_name)

@@ -182,17 +182,17 @@ FACTORED_RSTD = "rstd1"  # its InvStdDev of the last image LayerNorm, beside the
 FIRST_WEIGHT_SUFFIX = "upscaler.w1_{}"  # the first ConvTranspose's GEMM weight of kernel row i1
 
 
-def _drop_unread(graph, keep=()):
+def _drop_unread(graph):
     """Remove nodes of `graph` none of whose outputs is read (in it or a nested graph) or
-    returned, until none is left, then its initializers nothing reads. `keep`: names to treat as read."""
+    returned, until none is left, then its initializers nothing reads."""
     while True:
-        read = _names_read(graph) | set(keep)
+        read = _names_read(graph)
         dead = [n for n in graph.node if not any(name in read for name in n.output if name)]
         if not dead:
             break
         for node in dead:
             graph.node.remove(node)
-    read = _names_read(graph) | set(keep)
+    read = _names_read(graph)
     kept = [i for i in graph.initializer if i.name in read]
     del graph.initializer[:]
     graph.initializer.extend(kept)
@@ -269,7 +269,7 @@ def on_image_tokens(model, src):
     for attr in scan.attribute:
         if attr.name == "num_scan_inputs":
             attr.i = len(scan.input)
-    _drop_unread(model.graph, keep={o.name for o in model.graph.output})
+    _drop_unread(model.graph)
     onnx.checker.check_model(model)
     return model
 
@@ -366,11 +366,8 @@ def int8_upscaler(src, out, reduce_range=True, grams=None):
         graph.node.remove(add)
     if not converted:
         raise ValueError(f"{src}: no MatMul with a constant weight in the upscaler Scan; is it a tinysam-rt points decoder?")
-    read = _names_read(model.graph)
     for graph in _graphs_under(model.graph):  # the replaced float weights, wherever they were
-        kept = [i for i in graph.initializer if i.name in read]
-        del graph.initializer[:]
-        graph.initializer.extend(kept)
+        _drop_unread(graph)
     use_contrib_opset(model)
     onnx.save(model, str(out))
     return converted, len(folded)
