@@ -462,6 +462,19 @@ def test_bad_hierarchical_config_and_combinations(region_predictor):
         TinySAMAutomaticMaskGenerator(region_predictor).generate("photo.jpg")
 
 
+@pytest.mark.parametrize("shape, layers, smallest", [((2, 700), 1, "1x350"), ((3, 40), 2, "0x10"), ((40, 3), 2, "10x0")])
+def test_crop_layers_too_fine_for_the_image_are_refused_before_decoding(region_predictor, shape, layers, smallest):
+    recorder = RecordingPredictor(region_predictor)
+    generator = TinySAMAutomaticMaskGenerator(recorder, AmgConfig(points_per_side=4, crop_n_layers=layers))
+    message = (f"crop_n_layers={layers} cuts this {shape[0]}x{shape[1]} image into crops as small as {smallest} "
+               "pixels; crops must be at least 2x2")
+    with pytest.raises(ValueError, match=message):
+        generator.generate(np.zeros((*shape, 3), np.uint8))
+    assert recorder.batches == []
+    TinySAMAutomaticMaskGenerator(recorder, AmgConfig(points_per_side=4)).generate(np.zeros((*shape, 3), np.uint8))
+    assert len(recorder.batches) == 1  # the same image without crop layers runs
+
+
 def test_explicit_point_grids(region_predictor):
     grid = np.array([[0.1, 0.5], [0.3, 0.5]])
     recorder = RecordingPredictor(region_predictor)

@@ -84,6 +84,13 @@ def test_check_image_rejects_bad_images(image, error, message):
         preprocess.check_image(image)
 
 
+def test_check_image_given_a_path_says_how_to_load_it(tmp_path):
+    with pytest.raises(TypeError, match=r"got str 'photo.jpg'; read an image file with tinysam_rt.io.load_image\(path\)"):
+        preprocess.check_image("photo.jpg")
+    with pytest.raises(TypeError, match=r"got \w*Path .*a directory \(a model directory\? pass it as model_dir=\)"):
+        preprocess.check_image(tmp_path)
+
+
 def test_check_image_accepts_views():
     base = np.zeros((20, 40, 3), np.uint8)
     view = base[:, ::2]

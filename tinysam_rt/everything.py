@@ -174,6 +174,22 @@ def check_configs(config, hierarchical):
         raise ValueError(f"hierarchical mode runs on the whole image only: crop_n_layers must be 0, got {config.crop_n_layers}")
 
 
+def _check_crop_sizes(crop_boxes, orig_size, crop_n_layers):
+    """Refuse crop layers that cut the image into crops the encoder cannot take, before any decoding.
+
+    Raises:
+        ValueError: a crop side below preprocess.MIN_IMAGE_SIDE, naming crop_n_layers and the image size.
+    """
+    sides = [(y1 - y0, x1 - x0) for x0, y0, x1, y1 in crop_boxes]
+    smallest = min(sides, key=min)
+    if min(smallest) < preprocess.MIN_IMAGE_SIDE:
+        raise ValueError(
+            f"crop_n_layers={crop_n_layers} cuts this {orig_size[0]}x{orig_size[1]} image into crops as small as "
+            f"{smallest[0]}x{smallest[1]} pixels; crops must be at least {preprocess.MIN_IMAGE_SIDE}x"
+            f"{preprocess.MIN_IMAGE_SIDE}: use fewer crop layers for an image this small"
+        )
+
+
 def _low_res_valid(input_size, low_res_side, long_side):
     """(rows, cols) of the low-res logits that cover the unpadded image (ceil, so edges count)."""
     scale = low_res_side / long_side
@@ -258,6 +274,7 @@ class TinySAMAutomaticMaskGenerator:
         cfg = self.config
         orig_size = image.shape[:2]
         crop_boxes, layer_idxs = amg.generate_crop_boxes(orig_size, cfg.crop_n_layers, cfg.crop_overlap_ratio)
+        _check_crop_sizes(crop_boxes, orig_size, cfg.crop_n_layers)
         grids = cfg.layer_grids()
         counter = _Counter(progress, sum(len(grids[layer]) for layer in layer_idxs))
         data, masks_before_nms = amg.MaskData(), 0

@@ -5,10 +5,13 @@ filter, normalise with the pixel mean/std, pad bottom-right with zeros to 1024x1
 coordinates move into that "1024 frame" by scaling x and y separately.
 """
 
+import os
+
 import numpy as np
 
 # PIL's fixed-point precision for 8-bit resampling (32 bits - 8 bits of pixel - 2 guard bits).
 _PRECISION_BITS = 22
+MIN_IMAGE_SIDE = 2  # pixels; also the smallest crop everything mode's crop layers may cut
 
 
 def check_image(image, name="image"):
@@ -22,7 +25,12 @@ def check_image(image, name="image"):
         ValueError: wrong rank or channel count, or a side below 2 pixels.
     """
     if not isinstance(image, np.ndarray):
-        raise TypeError(f"{name} must be a numpy array (H, W, 3) uint8 RGB, got {type(image).__name__}")
+        hint = ""
+        if isinstance(image, (str, os.PathLike)):
+            hint = f" {os.fspath(image)!r}; read an image file with tinysam_rt.io.load_image(path)"
+            if os.path.isdir(image):
+                hint = f" {os.fspath(image)!r}, a directory (a model directory? pass it as model_dir=)"
+        raise TypeError(f"{name} must be a numpy array (H, W, 3) uint8 RGB, got {type(image).__name__}{hint}")
     if image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 1):
         raise ValueError(
             f"{name} must have 3 channels (H, W, 3) RGB, got shape {image.shape} (grayscale?); "
@@ -36,8 +44,10 @@ def check_image(image, name="image"):
             f"{name} must be uint8 in [0, 255], got dtype {image.dtype}; "
             f"convert e.g. with np.clip(img * 255, 0, 255).astype(np.uint8) for floats in [0, 1]"
         )
-    if min(image.shape[:2]) < 2:
-        raise ValueError(f"{name} must be at least 2x2 pixels, got {image.shape[0]}x{image.shape[1]}")
+    if min(image.shape[:2]) < MIN_IMAGE_SIDE:
+        raise ValueError(
+            f"{name} must be at least {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE} pixels, got {image.shape[0]}x{image.shape[1]}"
+        )
     return image
 
 
