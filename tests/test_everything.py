@@ -443,6 +443,40 @@ def test_bad_config_names_the_field(field, value, message):
         AmgConfig(**{field: value})
 
 
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(points_per_side=2, crop_n_layers=1, crop_n_points_downscale_factor=4), ValueError,
+     r"crop layer 1 would get 0 points per side: points_per_side=2 / crop_n_points_downscale_factor=4\*\*1 < 1"),
+    (dict(points_per_side=8, crop_n_layers=3, crop_n_points_downscale_factor=4), ValueError,
+     "crop layer 3 would get 0 points per side"),
+    (dict(points_per_side=None, point_grids=5), TypeError, "point_grids must be a tuple of \\(P, 2\\) arrays, .*got int"),
+    (dict(points_per_side=None, point_grids="grid.npy"), TypeError, "point_grids must be a tuple .*got str"),
+    (dict(points_per_side=None, point_grids=(np.array([[np.nan, 0.5]]),)), ValueError, r"point_grids\[0\] contains NaN or inf"),
+    (dict(points_per_side=None, point_grids=([[0.1, 0.2], [0.3]],)), TypeError, r"point_grids\[0\] must be numeric array-like"),
+    (dict(points_per_side=None, point_grids=([["0.1", "0.2"]],)), TypeError, r"point_grids\[0\] must be numeric array-like, got text"),
+    (dict(points_per_side=None, point_grids=([[0.1 + 1j, 0.2]],)), TypeError, r"point_grids\[0\] must be real numbers"),
+])
+def test_bad_crop_and_grid_config_names_the_field(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        AmgConfig(**kwargs)
+
+
+def test_numpy_scalars_are_numbers_in_configs():
+    config = AmgConfig(points_per_side=np.int64(8), pred_iou_thresh=np.float32(0.8), stability_score_thresh=np.float64(0.9),
+                       stability_score_offset=np.float32(1.0), crop_overlap_ratio=np.float32(0.3),
+                       min_mask_region_area=np.int32(0))
+    assert config.pred_iou_thresh == np.float32(0.8)
+    assert HierarchicalConfig(high_score_thresh=np.float32(8.5)).high_score_thresh == 8.5
+    with pytest.raises(ValueError, match=r"pred_iou_thresh must be a number in \[0, 1\], got np.True_"):
+        AmgConfig(pred_iou_thresh=np.bool_(True))
+
+
+def test_progress_that_cannot_be_called_is_refused_before_decoding(region_predictor):
+    recorder = RecordingPredictor(region_predictor)
+    with pytest.raises(TypeError, match=r"progress must be None or a callable\(points_done, points_total\), got int"):
+        TinySAMAutomaticMaskGenerator(recorder, AmgConfig(points_per_side=4)).run(np.zeros((40, 40, 3), np.uint8), progress=5)
+    assert recorder.batches == []
+
+
 def test_bad_hierarchical_config_and_combinations(region_predictor):
     with pytest.raises(ValueError, match="high_score_thresh must be a finite number"):
         HierarchicalConfig(high_score_thresh=float("inf"))

@@ -83,6 +83,55 @@ def test_an_images_decoder_side_is_computed_once_and_kept_with_its_embedding(fp3
 def test_cache_size_validation(fp32_model_dir):
     with pytest.raises(ValueError, match="cache_size"):
         EmbeddingCache(-1)
+    assert EmbeddingCache(np.int64(2)).max_entries == 2
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda e: {"features": e.features[0]},
+     r"embedding.features must be a float32 array of shape \(1, 256, 64, 64\), got float32 \(256, 64, 64\)"),
+    (lambda e: {"features": e.features.astype(np.float64)}, "got float64 \\(1, 256, 64, 64\\)"),
+    (lambda e: {"features": e.features.tolist()}, "embedding.features must be a float32 array .*got list"),
+    (lambda e: {"original_size": "60x80"}, r"embedding.original_size must be \(H, W\) ints >= 2, got '60x80'"),
+    (lambda e: {"original_size": (0, 0)}, r"embedding.original_size must be \(H, W\) ints >= 2, got \(0, 0\)"),
+    (lambda e: {"input_size": (1024, 1024)},
+     r"embedding.input_size must be \(768, 1024\) \(an image of 60x80 resized to 1024\), got \(1024, 1024\)"),
+])
+def test_a_malformed_embedding_is_refused_and_the_current_one_kept(predictor, change, message):
+    import dataclasses
+
+    image = synthetic_image(60, 80, seed=9)
+    good = predictor.set_image(image)
+    before = predictor.predict([(30, 20)])
+    bad = dataclasses.replace(good, **change(good))
+    with pytest.raises(ValueError, match=message):
+        predictor.set_embedding(bad)
+    with pytest.raises(ValueError, match=message):
+        predictor.predict_batch(np.zeros((1, 2, 2)), [[1, -1]], embedding=bad)
+    assert predictor.embedding is good
+    np.testing.assert_array_equal(predictor.predict([(30, 20)])[2], before[2])
+
+
+def test_prompts_with_many_points_go_to_the_plain_decoder_in_smaller_parts(predictor, monkeypatch):
+    """The points decoder's work grows with the points per prompt (sessions.POINTS_DECODER_MAX_POINTS);
+    predict_batch runs such prompts in parts of at most MAX_DECODER_POINTS points."""
+    import tinysam_rt.predictor as predictor_module
+    from tinysam_rt.sessions import POINTS_DECODER_MAX_POINTS
+
+    decoder = predictor._decoder
+    calls = []
+    for name in ("decoder", "points_decoder"):
+        session = getattr(decoder, name)
+        monkeypatch.setattr(session, "run", lambda *args, _run=session.run, _name=name, **kw: (
+            calls.append((_name, len(args[1]), args[1].shape[1])) or _run(*args, **kw)))
+    embedding = predictor.embed(synthetic_image(100, 100, seed=3))
+    rng = np.random.default_rng(2)
+    for n in (POINTS_DECODER_MAX_POINTS, POINTS_DECODER_MAX_POINTS + 1):
+        calls.clear()
+        coords = rng.uniform(0, 1000, (12, n, 2))
+        predictor.predict_batch(coords, np.ones((12, n)), embedding=embedding)
+        part = predictor_module.MAX_DECODER_POINTS // n  # prompts per decoder run: 5
+        expected = "points_decoder" if n <= POINTS_DECODER_MAX_POINTS else "decoder"
+        assert calls == [(expected, min(part, 12 - start), n) for start in range(0, 12, part)]
 
 
 def test_predict_batch_matches_single_predicts(predictor):

@@ -24,6 +24,10 @@ def test_points_default_to_foreground_and_accept_lists():
         (np.zeros((0, 2)), None, "0 points"),
         (np.zeros((2, 3)), None, "shape \\(N, 2\\)"),
         ([("a", "b")], None, "numeric"),
+        ([("10", "20")], None, "point_coords must be numeric array-like, got text"),  # not parsed as numbers
+        ([(10, 20)], ["1"], "point_labels must be numeric array-like, got text"),
+        ([(10**400, 20)], None, "point_coords has a value too large for a float"),
+        (np.full((prompts.MAX_PROMPT_POINTS + 1, 2), 5.0), None, "point_coords has 1025 points; at most 1024 per prompt"),
     ],
 )
 def test_bad_points(coords, labels, message):
@@ -55,6 +59,14 @@ def test_mask_input_validation():
         prompts.validate_mask_input(np.zeros((1, 64, 64)))
     with pytest.raises(ValueError, match="NaN"):
         prompts.validate_mask_input(np.full((256, 256), np.inf))
+    with pytest.raises(ValueError, match=r"mask_input has values beyond float32's range \(\|x\| > 3.4e\+38\)"):
+        prompts.validate_mask_input(np.full((256, 256), 1e39))  # finite in float64, inf in float32
+
+
+def test_iou_threshold_must_fit_float32():
+    assert prompts.validate_iou_threshold(np.float32(0.88)) == pytest.approx(0.88)
+    with pytest.raises(ValueError, match=r"upscale_iou_threshold must be within float32's range .*got 1e\+40"):
+        prompts.validate_iou_threshold(1e40)
 
 
 def test_validate_batch_shapes():
@@ -64,3 +76,7 @@ def test_validate_batch_shapes():
         prompts.validate_batch(np.zeros((3, 2, 2)), np.ones((3, 1)))
     with pytest.raises(ValueError, match="B, N >= 1"):
         prompts.validate_batch(np.zeros((0, 2, 2)), np.ones((0, 2)))
+    n = prompts.MAX_PROMPT_POINTS + 2  # the most points plus a box's corners: accepted
+    assert prompts.validate_batch(np.zeros((1, n, 2)), np.ones((1, n)))[0].shape == (1, n, 2)
+    with pytest.raises(ValueError, match="point_coords has N=1027 points per prompt; at most 1024 plus a box's 2 corners"):
+        prompts.validate_batch(np.zeros((1, n + 1, 2)), np.ones((1, n + 1)))

@@ -45,9 +45,9 @@ class EmbeddingCache:
     """Bounded LRU of ImageEmbeddings keyed by (image digest, model id). Thread-safe."""
 
     def __init__(self, max_entries):
-        if not isinstance(max_entries, int) or isinstance(max_entries, bool) or max_entries < 0:
+        if not isinstance(max_entries, (int, np.integer)) or isinstance(max_entries, bool) or max_entries < 0:
             raise ValueError(f"cache_size must be an int >= 0 (0 disables the cache), got {max_entries!r}")
-        self.max_entries = max_entries
+        self.max_entries = int(max_entries)
         self._entries = OrderedDict()
         self._lock = threading.Lock()
 

@@ -25,6 +25,7 @@ With the default margin of 0.05 the result is SAM's; a margin of 1.0 upsamples e
 """
 
 import math
+import numbers
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -32,7 +33,7 @@ from typing import Optional
 import numpy as np
 
 from tinysam_rt import amg, postprocess, preprocess
-from tinysam_rt.prompts import PAD_LABEL, check_int
+from tinysam_rt.prompts import PAD_LABEL, as_float_array, check_int
 
 OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
 DENSE_POINT_MODES = ("tinysam", "grid")
@@ -41,8 +42,13 @@ SPARSE_DIVISOR = 4  # TinySAM: the sparse grid has points_per_side // 4 points p
 UPSCALE_BUDGET_BYTES = 96 << 20
 
 
+def _is_real(value):
+    """True for Python and numpy reals (np.float32(0.8) included), False for bools."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
 def _check_fraction(value, name):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+    if not _is_real(value) or not 0.0 <= value <= 1.0:
         raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
 
 
@@ -76,10 +82,22 @@ class AmgConfig:
                 f"exactly one of points_per_side and point_grids must be given, got "
                 f"points_per_side={self.points_per_side!r} and point_grids={'None' if self.point_grids is None else '...'}"
             )
+        check_int(self.crop_n_layers, "crop_n_layers", 0)
+        check_int(self.crop_n_points_downscale_factor, "crop_n_points_downscale_factor", 1)
         if self.points_per_side is not None:
             check_int(self.points_per_side, "points_per_side", 1)
+            last = int(self.points_per_side / self.crop_n_points_downscale_factor**self.crop_n_layers)
+            if last < 1:  # SAM's own grid code divides by zero here
+                raise ValueError(
+                    f"crop layer {self.crop_n_layers} would get 0 points per side: points_per_side="
+                    f"{self.points_per_side} / crop_n_points_downscale_factor={self.crop_n_points_downscale_factor}"
+                    f"**{self.crop_n_layers} < 1; use fewer crop layers or a smaller factor"
+                )
         else:
-            grids = tuple(np.asarray(g, dtype=np.float64) for g in self.point_grids)
+            if isinstance(self.point_grids, (str, bytes)) or not isinstance(self.point_grids, (tuple, list, np.ndarray)):
+                raise TypeError(f"point_grids must be a tuple of (P, 2) arrays, one per crop layer, "
+                                f"got {type(self.point_grids).__name__}")
+            grids = tuple(as_float_array(g, f"point_grids[{i}]") for i, g in enumerate(self.point_grids))
             if len(grids) != self.crop_n_layers + 1 or any(g.ndim != 2 or g.shape[1] != 2 or len(g) == 0 for g in grids):
                 raise ValueError(
                     f"point_grids must be {self.crop_n_layers + 1} non-empty (P, 2) arrays (one per crop layer), "
@@ -93,14 +111,10 @@ class AmgConfig:
         for name in ("pred_iou_thresh", "stability_score_thresh", "box_nms_thresh", "crop_nms_thresh",
                      "stability_prefilter_margin"):
             _check_fraction(getattr(self, name), name)
-        if isinstance(self.stability_score_offset, bool) or not (
-            isinstance(self.stability_score_offset, (int, float)) and 0.0 <= self.stability_score_offset < math.inf
-        ):
+        if not (_is_real(self.stability_score_offset) and 0.0 <= self.stability_score_offset < math.inf):
             raise ValueError(f"stability_score_offset must be a finite number >= 0, got {self.stability_score_offset!r}")
-        check_int(self.crop_n_layers, "crop_n_layers", 0)
-        check_int(self.crop_n_points_downscale_factor, "crop_n_points_downscale_factor", 1)
         check_int(self.min_mask_region_area, "min_mask_region_area", 0)
-        if not isinstance(self.crop_overlap_ratio, (int, float)) or not 0.0 <= self.crop_overlap_ratio < 1.0:
+        if not _is_real(self.crop_overlap_ratio) or not 0.0 <= self.crop_overlap_ratio < 1.0:
             raise ValueError(f"crop_overlap_ratio must be a number in [0, 1), got {self.crop_overlap_ratio!r}")
         if self.output_mode not in OUTPUT_MODES:
             raise ValueError(f"output_mode must be one of {OUTPUT_MODES}, got {self.output_mode!r}")
@@ -122,7 +136,7 @@ class HierarchicalConfig:
 
     def __post_init__(self):
         value = self.high_score_thresh
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if not _is_real(value) or not math.isfinite(value):
             raise ValueError(f"high_score_thresh must be a finite number (a logit), got {value!r}")
         if self.dense_points not in DENSE_POINT_MODES:
             raise ValueError(f"dense_points must be one of {DENSE_POINT_MODES}, got {self.dense_points!r}")
@@ -259,6 +273,8 @@ class TinySAMAutomaticMaskGenerator:
     def run(self, image, progress=None):
         """Like `generate`, but returns an EverythingResult (records + EverythingStats)."""
         image = preprocess.check_image(image)
+        if progress is not None and not callable(progress):
+            raise TypeError(f"progress must be None or a callable(points_done, points_total), got {type(progress).__name__}")
         if self.hierarchical is None:
             data, stats = self._generate_standard(image, progress)
         else:

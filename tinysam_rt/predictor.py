@@ -7,7 +7,7 @@ import numpy as np
 
 from tinysam_rt import postprocess, preprocess, prompts
 from tinysam_rt.embedding import EmbeddingCache, ImageEmbedding, image_digest
-from tinysam_rt.manifest import load_manifest, resolve_model_dir
+from tinysam_rt.manifest import ENCODER_OUTPUTS, load_manifest, resolve_model_dir
 from tinysam_rt.sessions import load_sessions, make_session_options
 
 logger = logging.getLogger(__name__)
@@ -17,6 +17,10 @@ logger = logging.getLogger(__name__)
 # for the life of the session, so one huge batch would pin gigabytes for good. 64 is SAM's
 # points_per_batch.
 MAX_DECODER_BATCH = 64
+# Prompt points in one decoder run: everything mode's 64 prompts of a point and its padding point.
+# Each point adds attention to the 4096 image positions (~0.5 MiB per prompt), so prompts with many
+# points run in smaller parts and a run's memory stays near that of 64 clicks.
+MAX_DECODER_POINTS = 2 * MAX_DECODER_BATCH
 
 
 def warn_if_weights_saturate(manifest):
@@ -129,10 +133,31 @@ class TinySAMPredictor:
         self._embedding = self._check_embedding(embedding)
 
     def _check_embedding(self, embedding):
+        """`embedding` if it is one this predictor's encoder and preprocessing could have made.
+
+        Raises:
+            TypeError / ValueError naming the field that is off (checked here, at the boundary, so
+            a hand-made embedding fails before the decoder or the postprocessing).
+        """
         if not isinstance(embedding, ImageEmbedding):
             raise TypeError(f"embedding must be an ImageEmbedding, got {type(embedding).__name__}")
         if embedding.model_id != self.manifest.model_id:
             raise ValueError("embedding was made by a different encoder than this predictor's")
+        features = embedding.features
+        (_, shape), = ENCODER_OUTPUTS
+        if not isinstance(features, np.ndarray) or features.dtype != np.float32 or features.shape != shape:
+            got = f"{features.dtype} {features.shape}" if isinstance(features, np.ndarray) else type(features).__name__
+            raise ValueError(f"embedding.features must be a float32 array of shape {shape}, got {got}")
+        size = embedding.original_size
+        if not (isinstance(size, tuple) and len(size) == 2 and all(prompts.is_int(v) and v >= preprocess.MIN_IMAGE_SIDE
+                                                                   for v in size)):
+            raise ValueError(f"embedding.original_size must be (H, W) ints >= {preprocess.MIN_IMAGE_SIDE}, got {size!r}")
+        expected = preprocess.preprocess_shape(*size, self.manifest.preprocess.image_size)
+        if tuple(embedding.input_size) != expected:
+            raise ValueError(
+                f"embedding.input_size must be {expected} (an image of {size[0]}x{size[1]} resized to "
+                f"{self.manifest.preprocess.image_size}), got {embedding.input_size!r}"
+            )
         return embedding
 
     def reset_image(self):
@@ -216,8 +241,8 @@ class TinySAMPredictor:
                       workers=1):
         """B prompts, in the 1024 frame, without upsampling.
 
-        Any B works: the decoder runs on at most `MAX_DECODER_BATCH` prompts at a time, so its
-        working memory stays bounded; the outputs themselves take 3 * 256 * 256 * 4 bytes
+        Any B works: the decoder runs on at most `MAX_DECODER_BATCH` prompts at a time (fewer for
+        prompts of more than 2 points, see MAX_DECODER_POINTS), so its working memory stays bounded; the outputs themselves take 3 * 256 * 256 * 4 bytes
         (768 KiB) per prompt, and a B whose outputs cannot be allocated is a MemoryError.
 
         Args:
@@ -246,7 +271,7 @@ class TinySAMPredictor:
         try:
             coords, labels, mask, has_mask = prompts.validate_batch(point_coords, point_labels, mask_input, long_side)
             batch = len(coords)
-            part_size = min(MAX_DECODER_BATCH, -(-batch // int(workers)))
+            part_size = min(MAX_DECODER_BATCH, max(1, MAX_DECODER_POINTS // coords.shape[1]), -(-batch // int(workers)))
             if batch <= part_size:
                 return self._decoder.run(embedding.features, coords, labels, mask, has_mask, gate,
                                          embedding.decoder_cache)

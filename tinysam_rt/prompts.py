@@ -11,24 +11,37 @@ import numpy as np
 LOW_RES = 256  # side of the decoder's mask_input / low_res_masks
 PAD_LABEL = -1.0
 BOX_LABELS = (2.0, 3.0)
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+# Points in one prompt. The decoder attends from every token to the 4096 image positions, about
+# 0.5 MiB per point per prompt, so a runaway N would take the machine's memory; SAM prompts have a
+# handful of points (its training sampled up to ~10 plus a box).
+MAX_PROMPT_POINTS = 1024
 
 
-def _as_float_array(value, name):
+def as_float_array(value, name):
+    """`value` as a float64 array of finite reals that float32 can hold, or a TypeError /
+    ValueError naming `name` (everything reaching the decoder is cast to float32)."""
     not_numeric = f"{name} must be numeric array-like, got {type(value).__name__}"
     try:
         array = np.asarray(value)
     except (TypeError, ValueError):  # e.g. ragged nesting
         raise TypeError(not_numeric) from None
+    if array.dtype.kind in "USV" or (array.dtype == object and any(isinstance(v, (str, bytes)) for v in array.flat)):
+        raise TypeError(f"{name} must be numeric array-like, got text")  # float64 would parse "10" silently
     if array.dtype == object and any(v is None for v in array.flat):  # float64 would make it NaN
         raise TypeError(f"{name} must be numeric, got None among its values")
     if np.iscomplexobj(array):  # float64 would silently drop the imaginary part
         raise TypeError(f"{name} must be real numbers, got complex values")
     try:
         array = array.astype(np.float64, copy=False)
+    except OverflowError:  # Python ints beyond float64
+        raise ValueError(f"{name} has a value too large for a float") from None
     except (TypeError, ValueError):
         raise TypeError(not_numeric) from None
     if not np.all(np.isfinite(array)):
         raise ValueError(f"{name} contains NaN or inf")
+    if array.size and np.abs(array).max() > FLOAT32_MAX:
+        raise ValueError(f"{name} has values beyond float32's range (|x| > {FLOAT32_MAX:.3g})")
     return array
 
 
@@ -60,18 +73,20 @@ def validate_points(point_coords, point_labels, original_size):
         if point_labels is not None:
             raise ValueError("point_labels given without point_coords")
         return None, None
-    coords = _as_float_array(point_coords, "point_coords")
+    coords = as_float_array(point_coords, "point_coords")
     if coords.ndim == 1 and coords.shape == (2,):
         coords = coords[None, :]  # a single (x, y)
     if coords.ndim != 2 or coords.shape[1] != 2:
         raise ValueError(f"point_coords must have shape (N, 2) as (x, y), got {coords.shape}")
     if coords.shape[0] == 0:
         raise ValueError("point_coords has 0 points; pass None when there are no points")
+    if coords.shape[0] > MAX_PROMPT_POINTS:
+        raise ValueError(f"point_coords has {coords.shape[0]} points; at most {MAX_PROMPT_POINTS} per prompt")
     _check_inside(coords, original_size, "point_coords")
     if point_labels is None:
         labels = np.ones(len(coords), dtype=np.float32)
     else:
-        labels = _as_float_array(point_labels, "point_labels").reshape(-1)
+        labels = as_float_array(point_labels, "point_labels").reshape(-1)
         if labels.shape[0] != coords.shape[0]:
             raise ValueError(
                 f"point_labels must have one label per point: {coords.shape[0]} points, "
@@ -94,7 +109,7 @@ def validate_box(box, original_size):
     """
     if box is None:
         return None
-    array = _as_float_array(box, "box")
+    array = as_float_array(box, "box")
     if array.size != 4:
         raise ValueError(f"box must be (x0, y0, x1, y1), got shape {array.shape}")
     array = array.reshape(4)
@@ -115,7 +130,7 @@ def validate_mask_input(mask_input):
     """
     if mask_input is None:
         return None
-    array = _as_float_array(mask_input, "mask_input")
+    array = as_float_array(mask_input, "mask_input")
     if array.shape not in ((LOW_RES, LOW_RES), (1, LOW_RES, LOW_RES)):
         raise ValueError(f"mask_input must have shape (1, 256, 256) (low-res logits), got {array.shape}")
     return array.reshape(1, LOW_RES, LOW_RES).astype(np.float32)
@@ -173,10 +188,14 @@ def validate_batch(point_coords, point_labels, mask_input=None, long_side=None):
     Returns:
         coords (B, N, 2) float32, labels (B, N) float32, mask (B,1,256,256), has_mask (B,).
     """
-    coords = _as_float_array(point_coords, "point_coords")
-    labels = _as_float_array(point_labels, "point_labels")
+    coords = as_float_array(point_coords, "point_coords")
+    labels = as_float_array(point_labels, "point_labels")
     if coords.ndim != 3 or coords.shape[2] != 2 or coords.shape[0] == 0 or coords.shape[1] == 0:
         raise ValueError(f"point_coords must have shape (B, N, 2) with B, N >= 1, got {coords.shape}")
+    if coords.shape[1] > MAX_PROMPT_POINTS + len(BOX_LABELS):  # a box's 2 corners or the padding point on top
+        raise ValueError(
+            f"point_coords has N={coords.shape[1]} points per prompt; at most {MAX_PROMPT_POINTS} plus a box's 2 corners"
+        )
     if labels.shape != coords.shape[:2]:
         raise ValueError(f"point_labels must have shape {coords.shape[:2]} (B, N), got {labels.shape}")
     if not np.isin(labels, (-1.0, 0.0, 1.0, 2.0, 3.0)).all():
@@ -190,16 +209,21 @@ def validate_batch(point_coords, point_labels, mask_input=None, long_side=None):
                 f"preprocess.coords_to_input_frame first"
             )
     if mask_input is not None:
-        mask_input = _as_float_array(mask_input, "mask_input")
+        mask_input = as_float_array(mask_input, "mask_input")
         if mask_input.shape != (coords.shape[0], 1, LOW_RES, LOW_RES):
             raise ValueError(f"mask_input must have shape ({coords.shape[0]}, 1, 256, 256), got {mask_input.shape}")
     mask, has_mask = mask_feeds(mask_input, coords.shape[0])
     return coords.astype(np.float32), labels.astype(np.float32), mask, has_mask
 
 
+def is_int(value):
+    """True for Python and numpy integers, False for bools."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
 def check_int(value, name, minimum):
     """Raise ValueError naming `name` unless `value` is an int (not a bool) >= `minimum`."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+    if not is_int(value) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
@@ -211,4 +235,6 @@ def validate_iou_threshold(value):
         raise TypeError(f"upscale_iou_threshold must be None or a number, got {type(value).__name__}")
     if not np.isfinite(value):
         raise ValueError(f"upscale_iou_threshold must be finite, got {value}")
+    if abs(value) > FLOAT32_MAX:  # the graph takes it as float32: it would become inf
+        raise ValueError(f"upscale_iou_threshold must be within float32's range (|t| <= {FLOAT32_MAX:.3g}), got {value}")
     return float(value)
