@@ -1,4 +1,5 @@
 import json
+import re
 import shutil
 
 import pytest
@@ -38,6 +39,68 @@ def test_resolve_model_dir_explains_how_to_get_a_model(tmp_path, monkeypatch):
     monkeypatch.setenv(mf.MODEL_DIR_ENV, str(tmp_path / "nowhere"))
     with pytest.raises(FileNotFoundError, match="TINYSAM_MODEL_DIR"):
         mf.resolve_model_dir()
+
+
+def test_model_dir_pointing_at_the_manifest_names_its_directory(model_copy, monkeypatch):
+    """Not the generic advice, `tinysam export --out .../manifest.json`, which would be harmful."""
+    path = model_copy / "manifest.json"
+    message = f"must be the directory holding manifest.json, not the path of manifest.json itself: got {path}; use {model_copy}"
+    with pytest.raises(FileNotFoundError, match=re.escape(f"model_dir {message}")) as info:
+        mf.resolve_model_dir(path)
+    assert "tinysam export" not in str(info.value)
+    with pytest.raises(FileNotFoundError, match=re.escape(f"model_dir {message}")):
+        mf.load_manifest(str(path))
+    monkeypatch.setenv(mf.MODEL_DIR_ENV, str(path))
+    with pytest.raises(FileNotFoundError, match=re.escape(f"$TINYSAM_MODEL_DIR {message}")):
+        mf.resolve_model_dir()
+    gone = model_copy / "gone" / "manifest.json"  # does not exist: still no advice to export there
+    with pytest.raises(FileNotFoundError, match=re.escape(f"use {gone.parent}")):
+        mf.resolve_model_dir(gone)
+
+
+def test_model_dir_that_is_a_file_is_not_offered_as_an_export_target(model_copy):
+    path = model_copy / "encoder.onnx"
+    with pytest.raises(FileNotFoundError, match=re.escape(f"no tinysam-rt model at {path} (from model_dir argument): "
+                                                          "it is a file, and manifest.json not found")) as info:
+        mf.resolve_model_dir(path)
+    assert "--out" not in str(info.value)
+
+
+def test_model_dir_expands_user(model_copy, monkeypatch):
+    monkeypatch.setenv("HOME", str(model_copy.parent))
+    assert mf.resolve_model_dir("~/model") == model_copy
+    assert mf.resolve_model_dir(mf.Path("~") / "model") == model_copy
+    monkeypatch.setenv(mf.MODEL_DIR_ENV, "~/model")
+    assert mf.resolve_model_dir() == model_copy
+    assert mf.load_manifest("~/model", verify=False).model_dir == model_copy
+
+
+def _sane_variant(model_copy, mutate):
+    doc = json.loads((model_copy / "manifest.json").read_text())
+    mutate(doc)
+    return mf.parse_manifest(doc, model_copy)
+
+
+def test_range_checks_keep_sane_values(model_copy):
+    """The edges of each checked range still load (the refused side is in test_model_files)."""
+    def no_normalisation(doc):
+        doc["preprocess"].update(pixel_mean=[0, 0, 0], pixel_std=[1, 1, 1], pad_value=255)
+        doc["postprocess"]["mask_threshold"] = -1e30
+    manifest = _sane_variant(model_copy, no_normalisation)
+    assert manifest.preprocess.pixel_std == (1.0, 1.0, 1.0) and manifest.preprocess.pad_value == 255.0
+    assert manifest.mask_threshold == -1e30
+    manifest = _sane_variant(model_copy, lambda doc: doc["preprocess"].update(pixel_mean=[255] * 3, pixel_std=[255] * 3, pad_value=-1))
+    assert manifest.preprocess.pixel_mean == (255.0,) * 3
+    manifest = _sane_variant(model_copy, lambda doc: doc["preprocess"].update(pixel_std=[mf.MIN_PIXEL_STD] * 3))
+    assert manifest.preprocess.pixel_std == (1e-3,) * 3
+
+
+def test_quantization_recipe_is_kept_as_written(model_copy):
+    recipe = {"tool": "tinysam quantize", "graphs": {"encoder": {"reduce_range": False, "method": "minmax"},
+                                                     "decoder": {"method": "entropy"}}}
+    assert _sane_variant(model_copy, lambda doc: doc.update(quantization=recipe)).quantization == recipe
+    assert _sane_variant(model_copy, lambda doc: doc.update(quantization={})).quantization == {}
+    assert _sane_variant(model_copy, lambda doc: doc.pop("quantization")).quantization is None
 
 
 def test_invalid_json(model_copy):

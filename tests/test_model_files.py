@@ -191,6 +191,33 @@ MANIFEST_CASES = {
     "manifest_declares_other_inputs": (_set(["graphs", "encoder", "inputs"], [{"name": "pixel_values", "shape": [1, 3, 1024, 1024]}]),
                                        "encoder.onnx: manifest declares inputs \\['pixel_values'\\]"),
     "not_a_manifest": (lambda doc: doc.update(format="something-else"), "not a tinysam-rt manifest"),
+    # The quantization recipe: the predictor reads graphs.<role>.reduce_range from it.
+    "quantization_string": (_set(["quantization"], "int8"), "field 'quantization' must be null or an object"),
+    "quantization_list": (_set(["quantization"], [1]), "field 'quantization' must be null or an object"),
+    "quantization_false": (_set(["quantization"], False), "field 'quantization' must be null or an object"),
+    "quantization_graphs_list": (_set(["quantization"], {"graphs": ["encoder"]}),
+                                 "field 'quantization.graphs' must be an object"),
+    "quantization_graphs_null": (_set(["quantization"], {"graphs": None}), "field 'quantization.graphs' must be an object"),
+    "quantization_recipe_string": (_set(["quantization"], {"graphs": {"encoder": "x"}}),
+                                   "field 'quantization.graphs.encoder' must be an object"),
+    "quantization_reduce_range_string": (_set(["quantization"], {"graphs": {"decoder": {"reduce_range": "false"}}}),
+                                         "field 'quantization.graphs.decoder.reduce_range' must be true or false"),
+    # Finite in float64 (what JSON gives) but not in float32 (what the runtime computes in).
+    "pixel_mean_beyond_float32": (_set(["preprocess", "pixel_mean"], [1e300, 0, 0]),
+                                  "'pixel_mean' must be a finite number \\(float32: magnitude at most 3.403e\\+38\\), got 1e\\+300"),
+    "pixel_mean_int_beyond_float64": (_set(["preprocess", "pixel_mean"], [10 ** 400, 0, 0]), "'pixel_mean' must be a finite number"),
+    "pad_value_beyond_float32": (_set(["preprocess", "pad_value"], 1e300), "'pad_value' must be a finite number"),
+    "mask_threshold_beyond_float32": (_set(["postprocess", "mask_threshold"], 1e39), "'mask_threshold' must be a finite number"),
+    "pixel_std_zero_in_float32": (_set(["preprocess", "pixel_std"], [1e-300] * 3),
+                                  "'pixel_std' must be in \\[0.001, 255\\] \\(std > 0.*got 1e-300"),
+    "pixel_std_denormal": (_set(["preprocess", "pixel_std"], [58.0, 1e-40, 57.0]), "'pixel_std' must be in \\[0.001, 255\\]"),
+    "pixel_std_negative": (_set(["preprocess", "pixel_std"], [-58.0, 57.0, 57.0]), "'pixel_std' must be in \\[0.001, 255\\]"),
+    "pixel_mean_off_pixel_scale": (_set(["preprocess", "pixel_mean"], [300.0, 0, 0]), "'pixel_mean' must be in \\[0, 255\\]"),
+    "pad_value_beyond_normalised_pixels": (_set(["preprocess", "pad_value"], 5.0),
+                                           "'pad_value' must be in \\[-2.1179, 2.64\\] \\(the span of normalised pixels"),
+    "graph_file_with_nul": (_set(["graphs", "decoder", "file"], "decoder\x00.onnx"), "graphs.decoder: field 'file' must name"),
+    "shape_entry_object": (_set(["graphs", "decoder", "inputs", 0, "shape"], [1, {}, 64, 64]),
+                           "'image_embeddings' shape entries must be ints >= 0"),
 }
 
 
@@ -206,7 +233,8 @@ def test_bad_manifest_is_one_named_error(fp32_model_dir, tmp_path, case):
     assert "manifest.json" in str(info.value) or ".onnx" in str(info.value)
 
 
-@pytest.mark.parametrize("content", [b"", b"\xff\xfe\x00garbage", b"[1, 2, 3]", b"null"], ids=["empty", "not_utf8", "json_list", "json_null"])
+@pytest.mark.parametrize("content", [b"", b"\xff\xfe\x00garbage", b"[1, 2, 3]", b"null", b"[" * 100000, b'{"opset": ' + b"9" * 5000 + b"}"],
+                         ids=["empty", "not_utf8", "json_list", "json_null", "nested_past_the_stack", "int_past_digit_limit"])
 def test_unreadable_manifest_bytes(fp32_model_dir, tmp_path, content):
     model = _model_copy(fp32_model_dir, tmp_path / "model")
     (model / mf.MANIFEST_NAME).write_bytes(content)
@@ -244,3 +272,21 @@ def test_failed_load_leaves_other_predictors_working(fp32_model_dir, tmp_path):
     with pytest.raises(ModelFileError):
         TinySAMPredictor(model_dir=model)
     np.testing.assert_array_equal(good.predict([(10, 10)])[2], before)
+
+
+def test_cli_reports_a_bad_manifest_in_one_line(fp32_model_dir, tmp_path, capsys):
+    """Was a traceback: `"quantization": "int8"` reached the predictor as an AttributeError."""
+    from tinysam_rt import cli
+    from tinysam_rt.io import write_png
+
+    model = _model_copy(fp32_model_dir, tmp_path / "model")
+    doc = _manifest_doc(model)
+    doc["quantization"] = "int8"
+    _write_manifest(model, doc)
+    write_png(tmp_path / "scene.png", synthetic_image(40, 50))
+    code = cli.main(["segment", str(tmp_path / "scene.png"), "--point", "5,5", "--model", str(model),
+                     "--out", str(tmp_path / "out")])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and lines == [f"tinysam segment: error: {model / 'manifest.json'}: field 'quantization' must be "
+                                   "null or an object (a quantize recipe), got 'int8'"]
+    assert not (tmp_path / "out").exists()

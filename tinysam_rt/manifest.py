@@ -38,10 +38,12 @@ let every caller skip the per-image part of its first layer after the first call
 
 import hashlib
 import json
-import math
 import os
+import reprlib
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from tinysam_rt.errors import ModelFileError
 
@@ -86,6 +88,15 @@ POINTS_DECODER_OUTPUTS = DECODER_OUTPUTS + (POINTS_DECODER_IMAGE_SIDE,)
 POINTS_DECODER_BASIC_INPUTS = DECODER_INPUTS[:3]
 POINTS_DECODER_BASIC_OUTPUTS = DECODER_OUTPUTS
 
+# Sane ranges of the numbers the runtime computes with (checked together in `_numbers`). The
+# runtime computes in float32, so a value finite as a JSON (float64) number but beyond float32
+# would load and then turn every score into NaN.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+PIXEL_RANGE = (0.0, 255.0)  # uint8 pixels: pixel_mean is on this scale; a larger std flattens them
+# A smaller std puts (pixel - mean) / std beyond +-2.55e5, an input no encoder was trained on; near
+# float32's denormals (std 1e-36 on vit_t) the embedding is NaN.
+MIN_PIXEL_STD = 1e-3
+
 
 def default_model_dir():
     """The documented default location: `$XDG_CACHE_HOME/tinysam-rt/vit_t` (~/.cache/...)."""
@@ -96,18 +107,30 @@ def default_model_dir():
 def resolve_model_dir(model_dir=None):
     """Pick the model directory: the argument, else $TINYSAM_MODEL_DIR, else the default.
 
+    `~` is expanded in the argument and in $TINYSAM_MODEL_DIR.
+
     Raises:
-        FileNotFoundError: the chosen directory has no manifest.json; the message says how to
-            make one.
+        TypeError: `model_dir` is not a path.
+        FileNotFoundError: the chosen directory has no manifest.json (the message says how to
+            make one), or the path is manifest.json itself or another file (the message names
+            the directory to use).
     """
     if model_dir is not None:
         if not isinstance(model_dir, (str, os.PathLike)):
             raise TypeError(f"model_dir must be a str or os.PathLike path, got {type(model_dir).__name__}")
-        chosen, why = Path(model_dir), "model_dir argument"
+        chosen, why, name = Path(os.path.expanduser(model_dir)), "model_dir argument", "model_dir"
     elif os.environ.get(MODEL_DIR_ENV):
-        chosen, why = Path(os.environ[MODEL_DIR_ENV]), f"${MODEL_DIR_ENV}"
+        chosen, why = Path(os.path.expanduser(os.environ[MODEL_DIR_ENV])), f"${MODEL_DIR_ENV}"
+        name = why
     else:
-        chosen, why = default_model_dir(), "default location"
+        chosen, why, name = default_model_dir(), "default location", "the model directory"
+    _refuse_manifest_path(chosen, name)
+    if chosen.is_file():
+        # Exporting "to" a file would replace it: advise a directory instead.
+        raise FileNotFoundError(
+            f"no tinysam-rt model at {chosen} (from {why}): it is a file, and {MANIFEST_NAME} not "
+            f"found; {name} must be a tinysam-rt model directory (the one holding {MANIFEST_NAME})"
+        )
     if not (chosen / MANIFEST_NAME).is_file():
         raise FileNotFoundError(
             f"no tinysam-rt model at {chosen} (from {why}): {MANIFEST_NAME} not found. "
@@ -116,6 +139,16 @@ def resolve_model_dir(model_dir=None):
             f"or pass model_dir= / set ${MODEL_DIR_ENV}."
         )
     return chosen
+
+
+def _refuse_manifest_path(path, name):
+    """A path ending in manifest.json is the manifest itself, not its directory: say which
+    directory to use (the generic advice, `tinysam export --out <path>`, would be harmful)."""
+    if path.name == MANIFEST_NAME and not (path / MANIFEST_NAME).is_file():
+        raise FileNotFoundError(
+            f"{name} must be the directory holding {MANIFEST_NAME}, not the path of {MANIFEST_NAME} itself: got "
+            f"{path}; use {path.parent}"
+        )
 
 
 def sha256_file(path):
@@ -186,38 +219,125 @@ class Manifest:
         return self.encoder.sha256
 
 
+def _shown(value):
+    """A value for an error message, abbreviated (a malformed manifest may hold anything)."""
+    return reprlib.repr(value)
+
+
 def _field(doc, key, kind, where):
     if key not in doc:
         raise ModelFileError(f"{where}: missing field {key!r}")
     value = doc[key]
     if not isinstance(value, kind):
-        raise ModelFileError(f"{where}: field {key!r} must be {kind.__name__}, got {value!r}")
+        raise ModelFileError(f"{where}: field {key!r} must be {kind.__name__}, got {_shown(value)}")
     return value
 
 
-def _finite(value, key, where):
-    """A JSON number as float; bools, strings and NaN/inf are a ModelFileError naming `key`."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ModelFileError(f"{where}: field {key!r} must be a finite number, got {value!r}")
-    return float(value)
+def _number(value, key, where):
+    """A JSON number as float, finite in float32 (what the runtime computes in); bools, strings,
+    NaN/inf and numbers beyond float32 are a ModelFileError naming `key`."""
+    if not isinstance(value, bool) and isinstance(value, (int, float)):
+        try:
+            number = float(value)
+        except OverflowError:  # an int beyond float64
+            number = float("inf")
+        if abs(number) <= FLOAT32_MAX:  # False for NaN too
+            return number
+    raise ModelFileError(
+        f"{where}: field {key!r} must be a finite number (float32: magnitude at most {FLOAT32_MAX:.4g}), "
+        f"got {_shown(value)}"
+    )
+
+
+def _in_range(values, key, low, high, why, where):
+    for value in values:
+        if not low <= value <= high:
+            raise ModelFileError(f"{where}: field {key!r} must be in [{low:.6g}, {high:.6g}] ({why}), got {value!r}")
+
+
+def _numbers(pre, post, where):
+    """Every number the runtime computes with, checked in one place.
+
+    - preprocess.image_size: the encoder's input side (1024), an int;
+    - pixel_mean: 3 values in [0, 255], the uint8 pixel scale it is subtracted from;
+    - pixel_std: 3 values in [MIN_PIXEL_STD, 255] (std > 0 and not float32-denormal);
+    - pad_value: in the encoder's input frame, so within the span normalised pixels cover
+      ((0 - mean) / std .. (255 - mean) / std), which always holds SAM's 0;
+    - postprocess.mask_threshold: a logit threshold, finite in float32.
+
+    Returns:
+        (Preprocess, mask_threshold float).
+    """
+    image_size = _field(pre, "image_size", int, where)
+    # The encoder's input is fixed by the contract; another size would only fail at set_image.
+    if isinstance(image_size, bool) or image_size != ENCODER_INPUTS[0][1][-1]:
+        raise ModelFileError(
+            f"{where}: preprocess.image_size must be {ENCODER_INPUTS[0][1][-1]} (the encoder's "
+            f"input side), got {_shown(image_size)}"
+        )
+    mean, std = (tuple(_number(v, key, where) for v in _field(pre, key, list, where))
+                 for key in ("pixel_mean", "pixel_std"))
+    for key, values in (("pixel_mean", mean), ("pixel_std", std)):
+        if len(values) != 3:
+            raise ModelFileError(f"{where}: field {key!r} must be 3 values (RGB), got {len(values)}")
+    _in_range(mean, "pixel_mean", *PIXEL_RANGE, "the uint8 pixel scale", where)
+    _in_range(std, "pixel_std", MIN_PIXEL_STD, PIXEL_RANGE[1],
+              "std > 0: pixels are divided by it; tinier blows them up, larger than the pixel range flattens them", where)
+    pad_value = _number(pre.get("pad_value", 0.0), "pad_value", where)
+    low = min((PIXEL_RANGE[0] - m) / s for m, s in zip(mean, std))
+    high = max((PIXEL_RANGE[1] - m) / s for m, s in zip(mean, std))
+    _in_range((pad_value,), "pad_value", low, high, "the span of normalised pixels for this pixel_mean/pixel_std", where)
+    mask_threshold = _number(post.get("mask_threshold", 0.0), "mask_threshold", where)
+    return Preprocess(image_size, mean, std, pad_value), mask_threshold
+
+
+def _quantization(doc, where):
+    """The recipe block: null (FP32) or what `tinysam quantize` wrote. The runtime reads its
+    `graphs` (role -> recipe object) and each recipe's `reduce_range` (8-bit weights when false)."""
+    recipe = doc.get("quantization")
+    if recipe is None:
+        return None
+    if not isinstance(recipe, dict):
+        raise ModelFileError(f"{where}: field 'quantization' must be null or an object (a quantize recipe), "
+                             f"got {_shown(recipe)}")
+    graphs = recipe.get("graphs", {})
+    if not isinstance(graphs, dict):
+        raise ModelFileError(f"{where}: field 'quantization.graphs' must be an object (graph role -> recipe), "
+                             f"got {_shown(graphs)}")
+    for role, entry in graphs.items():
+        if not isinstance(entry, dict):
+            raise ModelFileError(f"{where}: field 'quantization.graphs.{role}' must be an object (a graph's "
+                                 f"recipe), got {_shown(entry)}")
+        reduce_range = entry.get("reduce_range", True)
+        if not isinstance(reduce_range, bool):
+            raise ModelFileError(f"{where}: field 'quantization.graphs.{role}.reduce_range' must be true or "
+                                 f"false, got {_shown(reduce_range)}")
+    return recipe
 
 
 def _tensor_specs(items, where):
     specs = []
     for item in items:
         if not isinstance(item, dict):
-            raise ModelFileError(f"{where}: tensor entry must be an object, got {item!r}")
+            raise ModelFileError(f"{where}: tensor entry must be an object, got {_shown(item)}")
         name = _field(item, "name", str, where)
         shape = tuple(_field(item, "shape", list, where))
+        for dim in shape:
+            if isinstance(dim, bool) or not (isinstance(dim, int) and dim >= 0 or isinstance(dim, str) and dim):
+                raise ModelFileError(f"{where}: {name!r} shape entries must be ints >= 0 (fixed axes) or axis "
+                                     f"names (dynamic ones), got {_shown(list(shape))}")
         specs.append(TensorSpec(name, shape, str(item.get("dtype", "float32"))))
     return tuple(specs)
 
 
 def _graph_spec(model_dir, role, doc, where):
     where = f"{where} graphs.{role}"
+    file = _field(doc, "file", str, where)
+    if not file or "\0" in file:  # the model directory itself, or a path no OS call accepts
+        raise ModelFileError(f"{where}: field 'file' must name the graph's file, got {_shown(file)}")
     return GraphSpec(
         role=role,
-        path=(model_dir / _field(doc, "file", str, where)).resolve(),
+        path=(model_dir / file).resolve(),
         sha256=_field(doc, "sha256", str, where).lower(),
         precision=_field(doc, "precision", str, where),
         weights_id=_field(doc, "weights_id", str, where),
@@ -237,22 +357,14 @@ def parse_manifest(doc, model_dir, where="manifest.json"):
     version = doc.get("format_version")
     if version != FORMAT_VERSION:
         raise ModelFileError(
-            f"{where}: format_version {version!r} is not supported (this tinysam-rt reads "
+            f"{where}: format_version {_shown(version)} is not supported (this tinysam-rt reads "
             f"{FORMAT_VERSION}); re-export the model with this version"
         )
     model_dir = Path(model_dir)
-    pre = _field(doc, "preprocess", dict, where)
-    mean = tuple(_finite(v, "pixel_mean", where) for v in _field(pre, "pixel_mean", list, where))
-    std = tuple(_finite(v, "pixel_std", where) for v in _field(pre, "pixel_std", list, where))
-    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-        raise ModelFileError(f"{where}: pixel_mean/pixel_std must be 3 values (std > 0)")
-    image_size = _field(pre, "image_size", int, where)
-    # The encoder's input is fixed by the contract; another size would only fail at set_image.
-    if isinstance(image_size, bool) or image_size != ENCODER_INPUTS[0][1][-1]:
-        raise ModelFileError(
-            f"{where}: preprocess.image_size must be {ENCODER_INPUTS[0][1][-1]} (the encoder's "
-            f"input side), got {image_size!r}"
-        )
+    post = doc.get("postprocess", {})
+    if not isinstance(post, dict):
+        raise ModelFileError(f"{where}: field 'postprocess' must be dict, got {_shown(post)}")
+    preprocess, mask_threshold = _numbers(_field(doc, "preprocess", dict, where), post, where)
     graphs = _field(doc, "graphs", dict, where)
     encoder, decoder = (
         _graph_spec(model_dir, role, _field(graphs, role, dict, f"{where} graphs"), where)
@@ -272,28 +384,20 @@ def parse_manifest(doc, model_dir, where="manifest.json"):
                 f"{graph.weights_id!r} but the model is {weights_id!r}; encoder and decoder must "
                 f"come from the same weights"
             )
-    post = doc.get("postprocess", {})
-    if not isinstance(post, dict):
-        raise ModelFileError(f"{where}: field 'postprocess' must be dict, got {post!r}")
     opset = doc.get("opset", 0)
     if isinstance(opset, bool) or not isinstance(opset, int):
-        raise ModelFileError(f"{where}: field 'opset' must be int, got {opset!r}")
+        raise ModelFileError(f"{where}: field 'opset' must be int, got {_shown(opset)}")
     return Manifest(
         model_dir=model_dir,
         model=_field(doc, "model", str, where),
         weights_id=weights_id,
         opset=opset,
-        preprocess=Preprocess(
-            image_size=image_size,
-            pixel_mean=mean,
-            pixel_std=std,
-            pad_value=_finite(pre.get("pad_value", 0.0), "pad_value", where),
-        ),
-        mask_threshold=_finite(post.get("mask_threshold", 0.0), "mask_threshold", where),
+        preprocess=preprocess,
+        mask_threshold=mask_threshold,
         encoder=encoder,
         decoder=decoder,
         points_decoder=points_decoder,
-        quantization=doc.get("quantization"),
+        quantization=_quantization(doc, where),
         raw=doc,
     )
 
@@ -302,17 +406,21 @@ def load_manifest(model_dir, verify=True):
     """Read `model_dir/manifest.json`, validate it and (by default) sha256-verify every graph.
 
     Raises:
-        FileNotFoundError: no manifest.json in `model_dir`.
-        ModelFileError: invalid JSON or fields, a graph file missing, or a sha256 mismatch —
+        FileNotFoundError: no manifest.json in `model_dir`, or `model_dir` is the path of
+            manifest.json itself (the message names its directory).
+        ModelFileError: invalid JSON (including nesting too deep to parse) or fields, a graph file missing, or a sha256 mismatch —
             the message names the file.
     """
-    model_dir = Path(model_dir)
+    model_dir = Path(os.path.expanduser(model_dir))
+    _refuse_manifest_path(model_dir, "model_dir")
     path = model_dir / MANIFEST_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{path}: manifest not found (is {model_dir} a tinysam-rt model dir?)")
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    # ValueError: bad JSON, bad UTF-8, an int over Python's digit limit; RecursionError: nesting
+    # deeper than the interpreter's stack.
+    except (ValueError, RecursionError) as exc:
         raise ModelFileError(f"{path}: not valid JSON ({exc})") from None
     manifest = parse_manifest(doc, model_dir, where=str(path))
     if verify:
