@@ -93,9 +93,10 @@ def load_images(paths, min_images):
     for path in paths:
         try:
             image = io.load_image(path)
-        except ValueError:
+        except ValueError as exc:  # its message: "<path>: <reason>", e.g. corrupt or too large
+            reason = str(exc).removeprefix(f"{path}: ")
             raise ValueError(
-                f"calibration file {path} is not an image (cv2 cannot decode it); "
+                f"calibration file {path} is not an image cv2 can decode: {reason}; "
                 f"the calibration folder must hold only images"
             ) from None
         # The runtime's own check (e.g. a side below 2 pixels), named here before any slow step.

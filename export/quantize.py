@@ -58,6 +58,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from tinysam_export import calibration, fidelity
 from tinysam_export.gptq import GPTQ_DAMP, GemmInputGrams
 from tinysam_export.metadata import stamp_weights_id
+from tinysam_export.out_dir import REPORT_FILES, check_model_out_dir
 from tinysam_export.upscaler_int8 import (UPSCALER_PRECISION, UpscalerInputGrams, dynamic_quantize_matmul, int8_upscaler,
                                           use_contrib_opset)
 from tinysam_rt import io, manifest as manifest_mod, preprocess
@@ -84,7 +85,6 @@ LINEAR_MODES = ("auto", "static", "dynamic")
 WEIGHT_ROUNDINGS = ("gptq", "nearest")
 UPSCALER_MODES = ("fp32", "int8")
 INT8_FILES = {"encoder": "encoder.int8.onnx", "decoder": "decoder.int8.onnx"}
-REPORT_FILES = ("quantization_report.json", "quantization_report.md")
 
 
 class GateFailedError(RuntimeError):
@@ -168,9 +168,9 @@ def check_config(config):
 
 
 def check_out_dir(model_dir, out_dir):
-    """Raise ValueError when the output would replace the FP32 model it is measured against."""
-    if Path(out_dir).resolve() == Path(model_dir).resolve():
-        raise ValueError(f"--out must differ from --model ({model_dir}): the FP32 model is the reference")
+    """Raise ValueError unless `out_dir` may be replaced whole by the INT8 model: the rule of
+    `tinysam_export.out_dir`, which also keeps it apart from the FP32 model it is measured against."""
+    check_model_out_dir(out_dir, model_dir)
 
 
 # -- graph preparation and quantization -----------------------------------------------------------
@@ -880,7 +880,8 @@ def quantize_model(model_dir, calib, out_dir, config=QuantizeConfig(), progress=
     Args:
         model_dir: FP32 tinysam-rt model directory (its manifest and sha256 are verified).
         calib: calibration images: a directory (every file in it must be an image) or a glob.
-        out_dir: output model directory; created or replaced whole, only if everything succeeds.
+        out_dir: output model directory: new, empty or an earlier model directory (the rule of
+            `tinysam_export.out_dir`); created or replaced whole, only if everything succeeds.
         config: QuantizeConfig.
         progress: optional callable(str) receiving progress lines (the CLI prints them).
 
@@ -889,8 +890,9 @@ def quantize_model(model_dir, calib, out_dir, config=QuantizeConfig(), progress=
 
     Raises:
         FileNotFoundError / ModelFileError: `model_dir` is not a (valid) tinysam-rt model.
-        ValueError: bad config, too few calibration images, a file that is not an image (or is
-            under 2 pixels on a side), or a `model_dir` that is already quantized.
+        ValueError: bad config, an `out_dir` the rule refuses (checked before any slow step), too
+            few calibration images, a file that is not an image (or is under 2 pixels on a
+            side), or a `model_dir` that is already quantized.
         GateFailedError (a RuntimeError): the accuracy gate failed; nothing was written (unless
             config.gate is False); its `report` has the numbers.
     """

@@ -89,6 +89,52 @@ def test_published_file_modes_follow_umask(tmp_path):
     assert (tmp_path / "f").stat().st_mode & 0o777 == 0o666 & ~mask
 
 
+@pytest.mark.parametrize("bad", ["mask.png", "overlay.png", "result.json"])
+def test_write_files_checks_every_target_before_replacing_any(tmp_path, bad):
+    """A target that is a directory (here each of the three in turn) fails the whole set up front."""
+    out = tmp_path / "out"
+    out.mkdir()
+    names = ["mask.png", "overlay.png", "result.json"]
+    for name in names:
+        if name == bad:
+            (out / name).mkdir()
+        else:
+            (out / name).write_bytes(b"old " + name.encode())
+    before = _tree(out)
+    with pytest.raises(IsADirectoryError) as info:
+        atomic.atomic_write_files({out / name: b"new" for name in names})
+    assert str(info.value) == f"{out / bad} is a directory; cannot write a file there"
+    assert _tree(out) == before and (out / bad).is_dir() and _debris(out) == []
+
+
+def test_write_files_refuses_a_parent_that_is_a_file_or_not_writable(tmp_path):
+    blocker = tmp_path / "out"
+    blocker.write_text("a file, not a directory")
+    with pytest.raises(NotADirectoryError, match=f"^{blocker / 'deeper' / 'mask.png'}: {blocker} is not a directory$"):
+        atomic.atomic_write_files({blocker / "deeper" / "mask.png": b"x"})
+    assert blocker.read_text() == "a file, not a directory"
+    if Path("/proc/self").is_dir():  # a directory even root cannot create files in
+        kept = tmp_path / "kept.png"
+        kept.write_bytes(b"old")
+        with pytest.raises(OSError, match=r"^/proc/tinysam\.json: cannot create files in /proc \("):
+            atomic.atomic_write_files({kept: b"new", Path("/proc/tinysam.json"): b"x"})
+        assert kept.read_bytes() == b"old" and _debris(tmp_path) == []
+
+
+def test_write_files_creates_missing_parents(tmp_path):
+    atomic.atomic_write_files({tmp_path / "a" / "b" / "mask.png": b"x"})
+    assert (tmp_path / "a" / "b" / "mask.png").read_bytes() == b"x"
+
+
+def test_directory_never_replaces_a_file(tmp_path):
+    target = tmp_path / "notes.txt"
+    target.write_text("precious")
+    with pytest.raises(NotADirectoryError, match="exists and is not a directory; refusing to replace it with one"):
+        with atomic.atomic_directory(target) as tmp:
+            (tmp / "a.onnx").write_bytes(b"new")
+    assert target.read_text() == "precious" and _debris(tmp_path) == []
+
+
 def _old_directory(target):
     target.mkdir()
     (target / "a.onnx").write_bytes(b"A" * 1000)
@@ -227,6 +273,34 @@ def test_segment_interrupted_mid_write_keeps_the_old_set(fp32_model_dir, scene, 
         _segment(scene, fp32_model_dir, out, "100,70")
     monkeypatch.undo()
     assert _tree(out) == old
+
+
+@pytest.mark.parametrize("command, names, bad", [
+    ("segment", ("mask.png", "overlay.png", "result.json"), "result.json"),
+    ("everything", ("overlay.png", "masks.json"), "masks.json"),
+])
+def test_cli_output_that_cannot_be_written_is_refused_before_the_model_and_keeps_the_old_set(
+        scene, tmp_path, capsys, command, names, bad):
+    """One bad target (a directory) fails the command before the model is loaded; nothing is replaced."""
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in names:
+        (out / name).mkdir() if name == bad else (out / name).write_bytes(b"old")
+    before = _tree(out)
+    prompt = ["--point", "5,5"] if command == "segment" else []
+    # No model there: the output check must come before the model load.
+    code = cli.main([command, str(scene), *prompt, "--model", str(tmp_path / "no-model"), "--out", str(out)])
+    assert code == 1
+    assert capsys.readouterr().err == f"tinysam {command}: error: {out / bad} is a directory; cannot write a file there\n"
+    assert _tree(out) == before and _debris(out) == []
+
+
+def test_cli_out_that_is_a_file_is_refused(scene, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.write_text("keep me")
+    assert cli.main(["segment", str(scene), "--point", "5,5", "--model", str(tmp_path / "no-model"), "--out", str(out)]) == 1
+    assert capsys.readouterr().err == f"tinysam segment: error: {out / 'mask.png'}: {out} is not a directory\n"
+    assert out.read_text() == "keep me"
 
 
 # --- export ----------------------------------------------------------------------------------------

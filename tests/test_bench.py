@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -104,6 +105,71 @@ def test_corrupt_model_is_a_runtime_error(fp32_model_dir, tmp_path, capsys):
     assert (code, out) == (1, "")
     assert err.startswith(f"tinysam-bench: error: {broken / 'decoder.onnx'}: sha256 ")
     assert err.count("\n") == 1
+
+
+def _fake_model(tmp_path):
+    """Enough for check_args (a directory with manifest.json): flag checks that come first."""
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "manifest.json").write_text("{}")
+    return model
+
+
+def test_json_that_cannot_be_written_is_refused_up_front(tmp_path, capsys):
+    model = _fake_model(tmp_path)
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    cases = [(blocker / "b.json", f"--json {blocker / 'b.json'}: {blocker} is not a directory"),
+             (tmp_path / "missing" / "b.json", f"--json {tmp_path / 'missing' / 'b.json'}: directory {tmp_path / 'missing'} does not exist"),
+             ("", "--json expects a file path, got ''")]
+    if Path("/proc/self").is_dir():  # even root cannot create files there
+        cases.append(("/proc/tinysam.json", "--json /proc/tinysam.json: cannot create files in /proc (No such file or directory)"))
+    for path, message in cases:
+        code, out, err = _main(["--model", str(model), "--json", str(path), "--no-peak", "--quiet"], capsys)
+        assert (code, out, err) == (2, "", f"tinysam-bench: error: {message}\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "m"]
+
+
+def test_thread_counts_beyond_the_bound_are_refused(capsys):
+    from tinysam_rt.sysinfo import THREADS_PER_CPU, max_threads
+
+    code, _, err = _main(["--threads", f"1,{max_threads() + 1}"], capsys)
+    assert code == 2
+    assert err == (f"tinysam-bench: error: argument --threads: each thread count must be at most {max_threads()} "
+                   f"({THREADS_PER_CPU} per CPU), got {max_threads() + 1}\n")
+
+
+def _no_machine_limits(*args):
+    raise AssertionError("the GEMM machine limit was measured before the models were verified")
+
+
+@pytest.mark.torch  # the test model is exported with torch
+def test_corrupt_model_fails_before_the_machine_limit_benchmark(fp32_model_dir, tmp_path, capsys, monkeypatch):
+    from tinysam_rt import bench_run
+
+    monkeypatch.setattr(bench_run, "machine_limits", _no_machine_limits)
+    broken = tmp_path / "vit_t"
+    shutil.copytree(fp32_model_dir, broken)
+    with open(broken / "encoder.onnx", "r+b") as f:
+        f.seek(2000)
+        f.write(b"\xff\xfe")
+    code, out, err = _main(["--model", str(fp32_model_dir), "--model", str(broken), "--quiet"], capsys)
+    assert (code, out) == (1, "")
+    assert err.startswith(f"tinysam-bench: error: {broken / 'encoder.onnx'}: sha256 ") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("error", [PermissionError(13, "Permission denied", "m/manifest.json"),
+                                   ValueError("m/manifest.json: something else is wrong")])
+def test_other_model_loading_errors_are_one_line(tmp_path, capsys, monkeypatch, error):
+    from tinysam_rt import bench_run
+
+    def fail(model_dir):
+        raise error
+
+    monkeypatch.setattr(bench_run, "machine_limits", _no_machine_limits)
+    monkeypatch.setattr(bench_run, "model_info", fail)
+    code, out, err = _main(["--model", str(_fake_model(tmp_path)), "--quiet"], capsys)
+    assert (code, out, err) == (1, "", f"tinysam-bench: error: {error}\n")
 
 
 @pytest.mark.parametrize("flag", ["--help", "--version"])

@@ -616,12 +616,14 @@ def test_failed_gate_writes_nothing_and_keeps_previous_output(fp32_model_dir, ca
     import dataclasses
 
     out = tmp_path / "int8"
-    out.mkdir()
-    (out / "previous.txt").write_text("kept")
+    out.mkdir()  # an earlier output: only a model directory may be replaced (tinysam_export.out_dir)
+    shutil.copyfile(fp32_model_dir / "manifest.json", out / "manifest.json")
+    (out / "encoder.int8.onnx").write_text("kept")
     impossible = dataclasses.replace(FAST, gate=True, min_mask_iou=1.0, only="decoder")
     with pytest.raises(RuntimeError, match="accuracy gate failed, nothing written: mean selected-mask IoU"):
         quantize.quantize_model(fp32_model_dir, calib_dir, out, impossible)
-    assert [p.name for p in out.iterdir()] == ["previous.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["encoder.int8.onnx", "manifest.json"]
+    assert (out / "encoder.int8.onnx").read_text() == "kept"
     assert [p.name for p in tmp_path.iterdir()] == ["int8"]  # no staging directory left behind
 
 
@@ -709,6 +711,59 @@ def test_cli_out_equal_to_model_is_a_usage_error(fp32_model_dir, calib_dir, caps
     assert code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--out must differ from --model" in err
+
+
+def _manifest_only_model(fp32_model_dir, directory):
+    """A model directory as far as --model parsing goes (verify=False reads only manifest.json)."""
+    directory.mkdir(parents=True)
+    shutil.copyfile(fp32_model_dir / "manifest.json", directory / "manifest.json")
+    return directory
+
+
+@pytest.mark.parametrize("where, message", [
+    ("parent", "--out {out} contains --model {model} and would be replaced whole, deleting it; give a directory outside it"),
+    ("inside", "--out {out} is inside --model {model}; give a directory outside it"),
+])
+def test_cli_out_holding_or_inside_model_is_a_usage_error(fp32_model_dir, calib_dir, tmp_path, capsys, where, message):
+    model = _manifest_only_model(fp32_model_dir, tmp_path / "models" / "vit_t")
+    out = tmp_path / "models" if where == "parent" else model / "int8"
+    code = cli.main(["quantize", "--model", str(model), "--calib", str(calib_dir), "--out", str(out)])
+    assert code == 2
+    assert capsys.readouterr().err == f"tinysam quantize: error: {message.format(out=out, model=model)}\n"
+    assert sorted(p.name for p in (tmp_path / "models").rglob("*")) == ["manifest.json", "vit_t"]
+
+
+def test_out_holding_other_files_is_refused_before_any_slow_step(fp32_model_dir, calib_dir, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    (out / "photos").mkdir(parents=True)
+    (out / "notes.txt").write_text("precious")
+    monkeypatch.setattr(quantize, "_split_images", lambda *a: pytest.fail("calibration images read before --out was checked"))
+    message = (f"--out {out} is a non-empty directory that is not a tinysam-rt model directory (unexpected entries: "
+               f"notes.txt, photos/); it would be replaced whole, so give a new or empty directory")
+    with pytest.raises(ValueError) as info:
+        quantize.quantize_model(fp32_model_dir, calib_dir, out, FAST)
+    assert str(info.value) == message
+    assert cli.main(["quantize", "--model", str(fp32_model_dir), "--calib", str(calib_dir), "--out", str(out)]) == 2
+    assert capsys.readouterr().err == f"tinysam quantize: error: {message}\n"
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "photos"] and (out / "notes.txt").read_text() == "precious"
+    not_dir = tmp_path / "out.txt"
+    not_dir.write_text("x")
+    with pytest.raises(ValueError, match=f"^--out {not_dir} exists and is not a directory"):
+        quantize.check_out_dir(fp32_model_dir, not_dir)
+
+
+def test_too_large_calibration_image_is_named(fp32_model_dir, calib_dir, tmp_path):
+    from test_io import png_declaring
+
+    folder = tmp_path / "calib"
+    folder.mkdir()
+    for p in calib_dir.iterdir():
+        (folder / p.name).write_bytes(p.read_bytes())
+    (folder / "huge.png").write_bytes(png_declaring(40000, 30000))
+    with pytest.raises(ValueError, match=r"calibration file .*huge\.png is not an image cv2 can decode: image too large "
+                                         r"to decode: 40000x30000 \(HxW\)"):
+        quantize.quantize_model(fp32_model_dir, folder, tmp_path / "out", FAST)
+    assert _no_output(tmp_path)
 
 
 def test_too_few_images_is_an_error_not_a_fallback(fp32_model_dir, calib_dir, tmp_path):

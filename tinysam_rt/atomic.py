@@ -49,14 +49,17 @@ def atomic_write_bytes(target, data):
 
 
 def atomic_write_files(contents):
-    """Publish several files as one set: write every temp file first, then rename them all.
+    """Publish several files as one set: check every target, write every temp file, then rename
+    them all.
 
     Args:
         contents: {target path: bytes}.
 
-    A failure while writing any of them leaves every target as it was (the renames only start once
-    all temp files are complete).
+    Raises:
+        OSError: naming the target, from `check_writable` or from staging; every target is then
+            left as it was (the renames only start once all temp files are complete).
     """
+    check_writable(contents)
     with contextlib.ExitStack() as stack:
         staged = []
         for target, data in contents.items():
@@ -67,6 +70,50 @@ def atomic_write_files(contents):
         for tmp, target in staged:
             os.chmod(tmp, mode)
             os.replace(tmp, target)
+
+
+def check_writable(targets):
+    """Raise unless each target path can be replaced by a file.
+
+    Writers of a set of files call this before renaming any of them, and the CLIs before their
+    slow work, so that one bad target can neither leave a half-replaced set nor waste a run.
+
+    Args:
+        targets: iterable of str / Path file paths; missing parent directories are fine (the
+            writers create them) as long as the nearest existing one is a writable directory.
+
+    Raises:
+        IsADirectoryError / NotADirectoryError / OSError: the message names the target.
+    """
+    for target in map(Path, targets):
+        if target.is_dir():
+            raise IsADirectoryError(f"{target} is a directory; cannot write a file there")
+        check_parent_writable(target)
+
+
+def check_parent_writable(target):
+    """Raise OSError naming `target` unless entries can be created beside it: its parent, or the
+    nearest existing ancestor when the writers would create the parent, is a writable directory.
+
+    Probed with a real temp file: os.access says yes to root, and to /proc.
+    """
+    target = Path(target)
+    directory = _nearest_existing(target.parent)
+    if not directory.is_dir():
+        raise NotADirectoryError(f"{target}: {directory} is not a directory")
+    try:
+        fd, name = tempfile.mkstemp(prefix=".probe.", suffix=".tmp", dir=directory)
+    except OSError as exc:
+        raise type(exc)(f"{target}: cannot create files in {directory} ({exc.strerror or exc})") from None
+    os.close(fd)
+    os.unlink(name)
+
+
+def _nearest_existing(directory):
+    """`directory`, or its closest ancestor that exists (the one a mkdir -p would start in)."""
+    while not directory.exists() and directory != directory.parent:
+        directory = directory.parent
+    return directory
 
 
 @contextlib.contextmanager
@@ -93,9 +140,13 @@ def atomic_directory(target):
     """Yield a temp directory beside `target`; on clean exit it replaces `target` whole.
 
     Used by export and quantize, which publish several files that only make sense together.
-    An existing `target` is kept until the new one is complete, then swapped out.
+    An existing `target` is kept until the new one is complete, then swapped out and deleted:
+    callers decide first whether it may be (tinysam_export.out_dir). A file is never replaced.
     """
-    target = Path(target)
+    # Absolute and normalised ("." or "a/.." has no name to stage beside), symlinks not followed.
+    target = Path(os.path.abspath(target))
+    if target.exists() and not target.is_dir():
+        raise NotADirectoryError(f"{target} exists and is not a directory; refusing to replace it with one")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     old = None

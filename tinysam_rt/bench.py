@@ -60,13 +60,19 @@ def _int(text, minimum, what="value"):
 
 
 def thread_list(text):
-    """'1,2,4' -> [1, 2, 4]: distinct positive ints, in the given order."""
+    """'1,2,4' -> [1, 2, 4]: distinct ints in [1, sysinfo.max_threads()], in the given order."""
+    from tinysam_rt.sysinfo import THREADS_PER_CPU, max_threads
+
     parts = text.split(",")
     if not text.strip() or any(not p.strip() for p in parts):
         raise argparse.ArgumentTypeError(f"expected a comma-separated list like 1,2,4, got {text!r}")
     values = [_int(p.strip(), 1, "each thread count") for p in parts]
     if len(set(values)) != len(values):
         raise argparse.ArgumentTypeError(f"a thread count is listed twice in {text!r}")
+    too_many = [v for v in values if v > max_threads()]
+    if too_many:  # the sessions would refuse it mid-run (ORT starts every thread up front)
+        raise argparse.ArgumentTypeError(
+            f"each thread count must be at most {max_threads()} ({THREADS_PER_CPU} per CPU), got {too_many[0]}")
     return values
 
 
@@ -146,9 +152,27 @@ def check_args(args):
             dirs.append(path)
     if args.image is not None and not Path(args.image).is_file():
         raise UsageError(f"--image {args.image}: no such file")
-    if args.json is not None and Path(args.json).is_dir():
-        raise UsageError(f"--json {args.json} is a directory; give a file path")
+    if args.json is not None:
+        _check_json_path(args.json)
     return dirs
+
+
+def _check_json_path(text):
+    """Refuse now a --json the report could not be written to after the whole run."""
+    from tinysam_rt.atomic import check_writable
+
+    path = Path(text)
+    if not text.strip():
+        raise UsageError(f"--json expects a file path, got {text!r}")
+    if path.is_dir():
+        raise UsageError(f"--json {text} is a directory; give a file path")
+    if not path.parent.is_dir():
+        what = f"{path.parent} is not a directory" if path.parent.exists() else f"directory {path.parent} does not exist"
+        raise UsageError(f"--json {text}: {what}")
+    try:
+        check_writable([path])
+    except OSError as exc:
+        raise UsageError(f"--json {exc}") from None
 
 
 def _precisions(manifest):
@@ -164,12 +188,24 @@ def _labels(dirs, manifests):
     return [f"{d} ({_precisions(m)})" if names.count(n) > 1 else n for n, d, m in zip(names, dirs, manifests)]
 
 
-def run(args, dirs, image, progress, command):
+def load_models(dirs):
+    """[(Manifest, info dict)] of every model directory, manifest and sha256 verified.
+
+    Done before any measurement, so a corrupt model fails at once, not after the GEMM
+    machine-limit microbenchmark.
+    """
+    from tinysam_rt import bench_run
+
+    return [bench_run.model_info(d) for d in dirs]
+
+
+def run(args, dirs, image, progress, command, loaded=None):
     """Measure every model and return the JSON-ready report.
 
     Args:
         image: (H, W, 3) uint8 RGB, or None for the generated scene.
         command: the argv to record (the flags as the user gave them).
+        loaded: `load_models(dirs)`, when the caller has it already.
     """
     from tinysam_rt import bench_report, bench_run, sysinfo
 
@@ -185,10 +221,10 @@ def run(args, dirs, image, progress, command):
     }
     image = bench_run.synthetic_image() if image is None else image
     report["image"] = {"source": args.image or "generated", "height": image.shape[0], "width": image.shape[1]}
+    loaded = load_models(dirs) if loaded is None else loaded
     if not args.no_peak:
         progress(f"machine limit: {args.gemm_n}^3 GEMM, numpy and ORT at threads {threads}")
     limits = None if args.no_peak else bench_run.machine_limits(threads, args.gemm_n)
-    loaded = [bench_run.model_info(d) for d in dirs]
     models = [{"label": label, **info, "flops": None, "cold_start": None, "threads": []}
               for label, (_, info) in zip(_labels(dirs, [m for m, _ in loaded]), loaded)]
     with bench_run.temp_dir() as tmp:
@@ -237,12 +273,13 @@ def main(argv=None):
 
     from tinysam_rt import preprocess
     from tinysam_rt.errors import ModelFileError
-    from tinysam_rt.io import load_image
+    from tinysam_rt.io import load_image, opencv_log_silenced
     from tinysam_rt.manifest import ENCODER_INPUTS
 
     try:
-        image = load_image(args.image) if args.image else None
-    except ValueError as exc:  # not a readable image; the message starts with the path
+        with opencv_log_silenced():  # the one-line error says what OpenCV would log
+            image = load_image(args.image) if args.image else None
+    except ValueError as exc:  # not a readable image, or too large; the message starts with the path
         print(f"tinysam-bench: error: --image {exc}", file=sys.stderr)
         return EXIT_USAGE
     try:
@@ -253,7 +290,13 @@ def main(argv=None):
         print(f"tinysam-bench: error: --image {args.image}: {exc}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        report = run(args, dirs, image, progress, sys.argv[1:] if argv is None else list(argv))
+        # ModelFileError, a manifest that vanished or cannot be read (OSError), other bad values
+        loaded = load_models(dirs)
+    except (ValueError, OSError) as exc:
+        print(f"tinysam-bench: error: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
+    try:
+        report = run(args, dirs, image, progress, sys.argv[1:] if argv is None else list(argv), loaded)
     except (ModelFileError, FileNotFoundError) as exc:
         print(f"tinysam-bench: error: {exc}", file=sys.stderr)
         return EXIT_RUNTIME

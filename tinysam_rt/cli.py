@@ -6,7 +6,9 @@ time; `--debug` shows the traceback instead.
 """
 
 import argparse
+import contextlib
 import math
+import re
 import sys
 
 from tinysam_rt import __version__
@@ -15,8 +17,19 @@ EXIT_RUNTIME = 1
 EXIT_USAGE = 2
 
 
+_NUMBER = r"(?:(?:\d+\.?\d*|\.\d+)(?:e[-+]?\d+)?|inf(?:inity)?|nan)"
+# "-1,5" or "-1.5,2,0": a value of --point/--box. argparse only takes "-1" and "-1.5" for
+# negative numbers and would read the rest as an unknown option ("expected one argument").
+_NEGATIVE_NUMBERS = re.compile(rf"^-{_NUMBER}(?:,[-+]?{_NUMBER})*$", re.IGNORECASE)
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line on stderr (exit 2), not usage + message."""
+    """argparse, but a usage error is one line on stderr (exit 2), not usage + message, and
+    negative number lists are values."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = _NEGATIVE_NUMBERS  # argparse's own hook for this
 
     def error(self, message):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
@@ -63,11 +76,59 @@ def positive_int(text):
     return value
 
 
+def thread_count(text):
+    """A positive int up to sysinfo.max_threads() (the bound make_session_options enforces)."""
+    from tinysam_rt.sysinfo import THREADS_PER_CPU, max_threads
+
+    value = positive_int(text)
+    if value > max_threads():
+        raise argparse.ArgumentTypeError(
+            f"expected at most {max_threads()} threads ({THREADS_PER_CPU} per CPU), got {text!r}")
+    return value
+
+
+def nonempty(text):
+    """A path argument: "" would silently mean the current directory."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"expected a path, got {text!r}")
+    return text
+
+
+def path_arg(text):
+    from pathlib import Path
+
+    return Path(nonempty(text))
+
+
+class _SingleBox(argparse.Action):
+    """Store --box, refusing a second one: SAM's decoder takes one box per prompt."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, self.dest) is not None:
+            parser.error(f"argument {option_string}: given twice; a prompt takes one box (as in SAM)")
+        setattr(namespace, self.dest, values)
+
+
+class _Given(argparse.Action):
+    """Store the value and record the flag in `namespace.given`, so a flag that only applies
+    with another can be refused even when its value equals the default."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        namespace.given = getattr(namespace, "given", frozenset()) | {self.option_strings[0]}
+
+
+def _add_debug_flag(parser):
+    # SUPPRESS: a subcommand that was not given --debug keeps the value from before it.
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show tracebacks on errors (also accepted before the command)")
+
+
 def _add_model_flags(parser):
-    parser.add_argument("--model", metavar="DIR", default=None,
+    parser.add_argument("--model", metavar="DIR", type=nonempty, default=None,
                         help="model directory with manifest.json (default: $TINYSAM_MODEL_DIR, "
                              "then ~/.cache/tinysam-rt/vit_t)")
-    parser.add_argument("--threads", type=positive_int, default=None,
+    parser.add_argument("--threads", type=thread_count, default=None,
                         help="ONNX Runtime intra-op threads (default: one per core)")
 
 
@@ -82,20 +143,41 @@ def _warn_if_random(manifest):
         print("note: this model has RANDOM weights (no checkpoint was exported); masks are not meaningful")
 
 
+def _read_image(args):
+    """The image as (H, W, 3) uint8 RGB, refused now if set_image would refuse it later.
+
+    OpenCV's own log lines for a corrupt file are silenced (unless --debug): the one-line error
+    names the file and the reason.
+    """
+    from tinysam_rt import io, preprocess
+    from tinysam_rt.manifest import ENCODER_INPUTS
+
+    with contextlib.nullcontext() if args.debug else io.opencv_log_silenced():
+        image = io.load_image(args.image)
+    preprocess.check_image(image)
+    preprocess.preprocess_shape(*image.shape[:2], ENCODER_INPUTS[0][1][-1])  # e.g. too elongated
+    return image
+
+
 def _cmd_segment(args):
     import numpy as np
 
-    from tinysam_rt import io
-    from tinysam_rt.atomic import atomic_write_files
+    from tinysam_rt import io, prompts
+    from tinysam_rt.atomic import atomic_write_files, check_writable
     from tinysam_rt.predictor import TinySAMPredictor
 
     if not args.point and args.box is None:
         raise UsageError("segment needs at least one --point or a --box")
-    image = io.load_image(args.image)
-    predictor = TinySAMPredictor(model_dir=args.model, threads=args.threads)
-    predictor.set_image(image)
+    targets = [args.out / name for name in ("mask.png", "overlay.png", "result.json")]
+    image = _read_image(args)
     coords = np.array([p[:2] for p in args.point], dtype=np.float64) if args.point else None
     labels = np.array([p[2] for p in args.point], dtype=np.float32) if args.point else None
+    # The library's own checks (same messages), before the model is loaded and the encoder run.
+    prompts.validate_points(coords, labels, image.shape[:2])
+    prompts.validate_box(args.box, image.shape[:2])
+    check_writable(targets)
+    predictor = TinySAMPredictor(model_dir=args.model, threads=args.threads)
+    predictor.set_image(image)
     masks, scores, _ = predictor.predict(coords, labels, box=args.box, multimask_output=True)
     best = int(np.argmax(scores))
     result = {
@@ -112,11 +194,7 @@ def _cmd_segment(args):
     overlay = io.overlay_masks(image, masks[best:best + 1])
     out = args.out
     # One set: all three files are staged before any is renamed, so a failure keeps the old set.
-    atomic_write_files({
-        out / "mask.png": io.encode_png(masks[best]),
-        out / "overlay.png": io.encode_png(overlay),
-        out / "result.json": io.encode_json(result),
-    })
+    atomic_write_files(dict(zip(targets, [io.encode_png(masks[best]), io.encode_png(overlay), io.encode_json(result)])))
     print(f"best mask score {scores[best]:.3f}, area {result['mask_area']} px -> {out}/mask.png, overlay.png, result.json")
     _warn_if_random(predictor.manifest)
     return 0
@@ -127,11 +205,13 @@ def _add_segment(subparsers):
 
     parser = subparsers.add_parser("segment", help="segment one object from point/box prompts",
                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("image", type=Path, help="image file (JPEG, PNG, ...)")
+    parser.add_argument("image", type=path_arg, help="image file (JPEG, PNG, ...)")
     parser.add_argument("--point", type=parse_point, action="append", default=[], metavar="X,Y[,LABEL]",
                         help="a point prompt in pixels; LABEL 1 = foreground (default), 0 = background; repeatable")
-    parser.add_argument("--box", type=parse_box, default=None, metavar="X0,Y0,X1,Y1", help="a box prompt in pixels")
-    parser.add_argument("--out", type=Path, default=Path("out"), help="output directory")
+    parser.add_argument("--box", type=parse_box, action=_SingleBox, default=None, metavar="X0,Y0,X1,Y1",
+                        help="a box prompt in pixels (one per prompt)")
+    parser.add_argument("--out", type=path_arg, default=Path("out"),
+                        help="output directory (mask.png, overlay.png, result.json)")
     _add_model_flags(parser)
     parser.set_defaults(func=_cmd_segment)
 
@@ -178,12 +258,13 @@ def _cmd_everything(args):
     import dataclasses
 
     from tinysam_rt import io
-    from tinysam_rt.atomic import atomic_write_files
+    from tinysam_rt.atomic import atomic_write_files, check_writable
     from tinysam_rt.everything import AmgConfig, HierarchicalConfig, TinySAMAutomaticMaskGenerator, check_configs
     from tinysam_rt.predictor import TinySAMPredictor
 
-    if args.dense_points != "tinysam" and not args.hierarchical:
-        raise UsageError("--dense-points only applies with --hierarchical")
+    hierarchical_only = sorted(getattr(args, "given", frozenset()) & {"--dense-points", "--high-score-thresh"})
+    if hierarchical_only and not args.hierarchical:
+        raise UsageError(f"{hierarchical_only[0]} only applies with --hierarchical")
     try:
         config = AmgConfig(points_per_side=args.points_per_side, points_per_batch=args.points_per_batch,
                            decoder_workers=args.decoder_workers, pred_iou_thresh=args.pred_iou_thresh,
@@ -194,7 +275,9 @@ def _cmd_everything(args):
         check_configs(config, hierarchical)  # flag combinations, before anything is loaded
     except ValueError as exc:
         raise UsageError(str(exc).replace("_", "-")) from None
-    image = io.load_image(args.image)
+    targets = [args.out / "overlay.png", args.out / "masks.json"]
+    image = _read_image(args)
+    check_writable(targets)  # before the model and the long run
     predictor = TinySAMPredictor(model_dir=args.model, threads=args.threads)
     generator = TinySAMAutomaticMaskGenerator(predictor, config, hierarchical)
     result = generator.run(image, progress=_tty_progress(sys.stderr))
@@ -212,7 +295,7 @@ def _cmd_everything(args):
     }
     overlay = _overlay_records(image, result.records)
     # Staged as one set: a failure while writing keeps the previous overlay.png + masks.json pair.
-    atomic_write_files({args.out / "overlay.png": io.encode_png(overlay), args.out / "masks.json": io.encode_json(report)})
+    atomic_write_files(dict(zip(targets, [io.encode_png(overlay), io.encode_json(report)])))
     gated = stats["points_run"] - stats["points_upscaled"]
     skipped = f"; {gated} with every IoU <= {config.pred_iou_thresh} were not upscaled" if gated else ""
     print(f"{len(result.records)} masks from {stats['points_run']} prompts ({stats['mode']}{skipped}) "
@@ -226,10 +309,10 @@ def _add_everything(subparsers):
 
     parser = subparsers.add_parser("everything", help="segment everything: masks from a grid of point prompts",
                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("image", type=Path, help="image file (JPEG, PNG, ...)")
+    parser.add_argument("image", type=path_arg, help="image file (JPEG, PNG, ...)")
     parser.add_argument("--hierarchical", action="store_true",
                         help="TinySAM's hierarchical strategy: sparse grid first, skip covered dense points")
-    parser.add_argument("--dense-points", choices=("tinysam", "grid"), default="tinysam",
+    parser.add_argument("--dense-points", choices=("tinysam", "grid"), default="tinysam", action=_Given,
                         help="hierarchical dense points: TinySAM's published neighbours, or the exact grid")
     parser.add_argument("--points-per-side", type=positive_int, default=32, help="grid points per image side")
     parser.add_argument("--points-per-batch", type=positive_int, default=16,
@@ -240,11 +323,11 @@ def _add_everything(subparsers):
     parser.add_argument("--pred-iou-thresh", type=_float, default=0.88, help="predicted-IoU filter, in [0, 1]")
     parser.add_argument("--stability-score-thresh", type=_float, default=0.95, help="stability filter, in [0, 1]")
     parser.add_argument("--box-nms-thresh", type=_float, default=0.7, help="box NMS IoU, in [0, 1]")
-    parser.add_argument("--high-score-thresh", type=_float, default=8.5,
+    parser.add_argument("--high-score-thresh", type=_float, default=8.5, action=_Given,
                         help="hierarchical: logit above which a sparse mask covers a pixel")
     parser.add_argument("--min-mask-region-area", type=int, default=0,
                         help="fill holes / drop islands smaller than this many pixels (0: off)")
-    parser.add_argument("--out", type=Path, default=Path("out"), help="output directory")
+    parser.add_argument("--out", type=path_arg, default=Path("out"), help="output directory (overlay.png, masks.json)")
     _add_model_flags(parser)
     parser.set_defaults(func=_cmd_everything)
 
@@ -252,6 +335,7 @@ def _add_everything(subparsers):
 def _cmd_export(args):
     if (args.checkpoint is None) == (args.random_seed is None):
         raise UsageError("export needs exactly one of --checkpoint PATH or --random-seed N")
+    _check_out(args.out)  # before torch is imported and the model built
     try:
         from tinysam_export.export_onnx import export_model
     except ImportError as exc:
@@ -264,16 +348,25 @@ def _cmd_export(args):
     return 0
 
 
-def _add_export(subparsers):
-    from pathlib import Path
+def _check_out(out_dir, model_dir=None):
+    """The --out rule of export and quantize (tinysam_export.out_dir), as a usage error."""
+    from tinysam_export.out_dir import check_model_out_dir
 
+    try:
+        check_model_out_dir(out_dir, model_dir)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _add_export(subparsers):
     from tinysam_rt.manifest import default_model_dir
 
     parser = subparsers.add_parser("export", help="export a TinySAM checkpoint to ONNX (needs torch)",
                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--checkpoint", type=Path, default=None, help="TinySAM/MobileSAM vit_t checkpoint, e.g. tinysam_42.3.pth")
+    parser.add_argument("--checkpoint", type=path_arg, default=None, help="TinySAM/MobileSAM vit_t checkpoint, e.g. tinysam_42.3.pth")
     parser.add_argument("--random-seed", type=int, default=None, metavar="N", help="export seeded random weights instead")
-    parser.add_argument("--out", type=Path, default=default_model_dir(), help="output model directory")
+    parser.add_argument("--out", type=path_arg, default=default_model_dir(),
+                        help="output model directory: new, empty, or an earlier model directory (replaced whole)")
     parser.add_argument("--opset", type=positive_int, default=17, help="ONNX opset")
     parser.set_defaults(func=_cmd_export)
 
@@ -287,11 +380,13 @@ def _cmd_quantize(args):
 
     import onnxruntime
 
+    from tinysam_rt import io
+    from tinysam_rt.manifest import load_manifest
+
     try:
         from tinysam_export.calibration import PromptSampling
         from tinysam_export.fidelity import report_markdown
-        from tinysam_export.quantize import (GateFailedError, QuantizeConfig, check_config, check_out_dir,
-                                             quantize_model)
+        from tinysam_export.quantize import GateFailedError, QuantizeConfig, check_config, quantize_model
     except ImportError as exc:
         raise RuntimeError(f"`tinysam quantize` needs the quantize extra: pip install 'tinysam-rt[quantize]' ({exc})") from None
 
@@ -308,12 +403,15 @@ def _cmd_quantize(args):
                             sampling=PromptSampling())
     try:
         check_config(config)
-        check_out_dir(args.model, args.out)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    load_manifest(args.model, verify=False)  # a --model that is no model is named before --out
+    _check_out(args.out, args.model)
+    quiet = contextlib.nullcontext() if args.debug else io.opencv_log_silenced()  # calibration images
     try:
-        report = quantize_model(args.model, args.calib, args.out, config,
-                                progress=lambda line: print(f"tinysam quantize: {line}", file=sys.stderr, flush=True))
+        with quiet:
+            report = quantize_model(args.model, args.calib, args.out, config,
+                                    progress=lambda line: print(f"tinysam quantize: {line}", file=sys.stderr, flush=True))
     except GateFailedError as exc:
         if args.report:  # the numbers behind the refusal, before the one-line error
             print(report_markdown(exc.report))
@@ -328,14 +426,14 @@ def _cmd_quantize(args):
 
 
 def _add_quantize(subparsers):
-    from pathlib import Path
-
     parser = subparsers.add_parser("quantize", help="INT8 static quantization with calibration and an accuracy gate",
                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model", type=Path, required=True, metavar="DIR", help="FP32 tinysam-rt model directory")
-    parser.add_argument("--calib", required=True, metavar="DIR_OR_GLOB",
+    parser.add_argument("--model", type=path_arg, required=True, metavar="DIR", help="FP32 tinysam-rt model directory")
+    parser.add_argument("--calib", type=nonempty, required=True, metavar="DIR_OR_GLOB",
                         help="calibration images: a folder holding only images, or a glob like 'photos/*.jpg'")
-    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="output INT8 model directory")
+    parser.add_argument("--out", type=path_arg, required=True, metavar="DIR",
+                        help="output INT8 model directory: new, empty, or an earlier model directory (replaced "
+                             "whole); not inside --model nor holding it")
     parser.add_argument("--method", choices=("auto", "minmax", "entropy", "percentile"), default="auto",
                         help="activation calibration; auto measures all three and keeps the closest to FP32")
     parser.add_argument("--only", choices=("encoder", "decoder", "both"), default="encoder",
@@ -367,7 +465,7 @@ def _add_quantize(subparsers):
                              "predicted IoUs do not")
     parser.add_argument("--seed", type=int, default=0, help="seed of prompt sampling and synthetic images")
     parser.add_argument("--report", action="store_true", help="print the fidelity and size tables (markdown)")
-    parser.add_argument("--threads", type=positive_int, default=None,
+    parser.add_argument("--threads", type=thread_count, default=None,
                         help="ONNX Runtime intra-op threads (default: one per core)")
     parser.set_defaults(func=_cmd_quantize)
 
@@ -383,6 +481,8 @@ def build_parser():
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for add in SUBCOMMANDS:
         add(subparsers)
+    for subparser in subparsers.choices.values():
+        _add_debug_flag(subparser)  # `tinysam segment ... --debug` works too
     return parser
 
 

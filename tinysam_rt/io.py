@@ -1,6 +1,8 @@
 """Reading images and writing results (masks, overlays, JSON), every write atomic."""
 
+import contextlib
 import json
+import struct
 from pathlib import Path
 
 import cv2
@@ -17,16 +19,71 @@ def load_image(path):
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: the file is not an image cv2 can decode.
+        ValueError: naming the file: not an image cv2 can decode, or larger than OpenCV's
+            pixel limit (with the size its header declares, for PNG and JPEG).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image not found: {path}")
     data = np.fromfile(path, dtype=np.uint8)  # imdecode also handles non-ASCII paths
-    bgr = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    try:
+        bgr = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    except cv2.error as exc:  # OpenCV raises for some failures (size limit, allocation) instead of returning None
+        raise ValueError(f"{path}: {_decode_failure(exc, data)}") from None
     if bgr is None:
         raise ValueError(f"{path}: not a readable image (unsupported format or corrupt file)")
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def _decode_failure(exc, data):
+    """Why cv2.imdecode raised, for a one-line error."""
+    text = str(exc).strip()  # not exc.err: it can be left over from an earlier error
+    if "CV_IO_MAX_IMAGE" not in text:
+        return f"not a readable image (OpenCV: {text.split(' error: ', 1)[-1]})"  # drop the source path
+    size = _declared_size(data[:65536].tobytes())
+    shown = f": {size[0]}x{size[1]} (HxW) = {size[0] * size[1]} pixels" if size else ""
+    return f"image too large to decode{shown}; OpenCV's limit is 2^30 pixels (2^20 per side) by default"
+
+
+def _declared_size(header):
+    """(H, W) that a PNG or JPEG header declares, or None (other formats, truncated headers).
+
+    Read without decoding, so the size of a file too large to decode can still be named.
+    """
+    if header[:8] == b"\x89PNG\r\n\x1a\n" and header[12:16] == b"IHDR" and len(header) >= 24:
+        width, height = struct.unpack(">II", header[16:24])
+        return height, width
+    if header[:2] != b"\xff\xd8":
+        return None
+    pos = 2
+    while pos + 9 <= len(header) and header[pos] == 0xFF:
+        marker, length = header[pos + 1], struct.unpack(">H", header[pos + 2:pos + 4])[0]
+        # SOF0..SOF15 carry the frame size; C4 (DHT), C8 (JPG) and CC (DAC) share the range.
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            height, width = struct.unpack(">HH", header[pos + 5:pos + 9])
+            return height, width
+        pos += 2 + length
+    return None
+
+
+@contextlib.contextmanager
+def opencv_log_silenced():
+    """Silence OpenCV's own log lines (e.g. `[ERROR:0@..] grfmt_png.cpp ...` for a corrupt file)
+    inside the block; the previous level is restored after.
+
+    For the command-line tools, whose one-line error already says what failed. The level is
+    process-wide, so library code never calls this.
+    """
+    api = getattr(getattr(cv2, "utils", None), "logging", None)
+    if api is None:  # OpenCV builds without the logging module
+        yield
+        return
+    previous = api.getLogLevel()
+    api.setLogLevel(api.LOG_LEVEL_SILENT)
+    try:
+        yield
+    finally:
+        api.setLogLevel(previous)
 
 
 def encode_png(image):

@@ -14,6 +14,7 @@ import onnxruntime as ort
 
 from tinysam_rt import manifest as manifest_mod
 from tinysam_rt.errors import ModelFileError
+from tinysam_rt.sysinfo import THREADS_PER_CPU, max_threads
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +27,8 @@ def make_session_options(threads=None):
     """
     if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
         raise ValueError(f"threads must be a positive int or None, got {threads!r}")
+    if threads is not None and threads > max_threads():
+        raise ValueError(f"threads must be at most {max_threads()} ({THREADS_PER_CPU} per CPU), got {threads}")
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or 0
     options.inter_op_num_threads = 1

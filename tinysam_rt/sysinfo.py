@@ -119,6 +119,18 @@ def usable_cores():
         return os.cpu_count()
 
 
+THREADS_PER_CPU = 4  # oversubscription still worth measuring; far beyond it is a typo
+
+
+def max_threads():
+    """The most intra-op threads tinysam-rt accepts: THREADS_PER_CPU per logical CPU.
+
+    ORT starts every intra-op thread when a session is made, so a typo like 100000 would hang
+    the process (thread creation, then memory) instead of failing.
+    """
+    return THREADS_PER_CPU * (os.cpu_count() or 1)
+
+
 def peak_rss_bytes():
     """Peak resident set size of this process image so far, in bytes.
 
