@@ -12,6 +12,7 @@ from tinysam_rt.sessions import DecoderSession, EncoderSession, PointsDecoderSes
 def test_session_options_factory():
     options = make_session_options(2)
     assert options.intra_op_num_threads == 2
+    assert make_session_options(np.int64(1)).intra_op_num_threads == 1  # numpy ints are ints
     assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="threads"):

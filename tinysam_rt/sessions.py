@@ -25,12 +25,12 @@ def make_session_options(threads=None):
     Args:
         threads: intra-op threads; None lets ORT use one per physical core.
     """
-    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+    if threads is not None and (not isinstance(threads, (int, np.integer)) or isinstance(threads, bool) or threads < 1):
         raise ValueError(f"threads must be a positive int or None, got {threads!r}")
     if threads is not None and threads > max_threads():
         raise ValueError(f"threads must be at most {max_threads()} ({THREADS_PER_CPU} per CPU), got {threads}")
     options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or 0
+    options.intra_op_num_threads = int(threads or 0)
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     # Encoder and decoder share the process: spinning workers of one session steal the cores the
