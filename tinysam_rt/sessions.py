@@ -241,8 +241,9 @@ class PointsDecoderSession(_GraphSession):
 
 # The points decoder multiplies the later image-side projections through the prompt's tokens, so
 # its work grows with the points per prompt; past about two dozen the plain decoder is faster
-# (measured, 2 cores: 1 prompt of 20 points 34 vs 36 ms, of 25 points 42 vs 40 ms; 16 prompts of
-# 20 points 523 vs 629 ms, of 30 points 743 vs 723 ms). Counted with the padding point or box corners.
+# (benchmarks/bench_points_per_prompt.py, 2 cores: at 24 points 1.09x / 1.12x in the points
+# decoder's favour for 1 / 16 prompts per call, even at 25-28, 0.87x / 0.95x at 33, 0.65x / 0.52x at
+# 101; benchmarks/RESULTS.md, session 12). Counted with the padding point or box corners.
 POINTS_DECODER_MAX_POINTS = 24
 
 
