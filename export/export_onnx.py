@@ -33,7 +33,10 @@ from tinysam_rt.sessions import DecoderSession, EncoderSession, PointsDecoderSes
 from tinysam_export.metadata import set_weights_id
 from tinysam_export.model.build import IMAGE_SIZE, MASK_TOKENS, PIXEL_MEAN, PIXEL_STD, build_tinysam
 from tinysam_export.onnx_scan import cached_or_computed, gate_body, scan_over_batch
-from tinysam_export.onnx_wrappers import DecoderOnnx, EncoderOnnx, ImageSideOnnx, PointsDecoderOnnx, UpscalerOnnx
+from tinysam_export.onnx_wrappers import (
+    IMAGE_SIDE_PIECES, CachedImageSideOnnx, DecoderOnnx, EncoderOnnx, ImageSideOnnx, PointsDecoderOnnx, UpscalerOnnx,
+)
+from tinysam_export.out_dir import check_model_out_dir
 
 ENCODER_FILE = "encoder.onnx"
 DECODER_FILE = "decoder.onnx"
@@ -131,40 +134,44 @@ def export_decoder(model, path, weights_id, opset=17):
 def export_points_decoder(model, path, weights_id, opset=17):
     """Write the points-only decoder graph (POINTS_DECODER_INPUTS -> POINTS_DECODER_OUTPUTS).
 
-    Three traces joined with `onnx_scan`: `PointsDecoderOnnx` for the B prompts up to the
-    upscaler, reading the per-image `image_side` that `cached_or_computed` takes from the
-    caller's cache or computes with `ImageSideOnnx`; then a Scan running `UpscalerOnnx` once per
-    prompt, gated by `gate_body` on the prompt's predicted IoUs and `upscale_iou_threshold`. The
-    Scan slices the per-prompt values and reads the two per-image ones (`shared0`, `shared1`)
-    whole, from outside its body.
+    Four traces joined with `onnx_scan`: `PointsDecoderOnnx` for the B prompts up to the
+    upscaler, reading the per-image pieces (IMAGE_SIDE_PIECES) that `cached_or_computed` takes
+    from the caller's cache (`CachedImageSideOnnx`) or computes (`ImageSideOnnx`); then a Scan
+    running `UpscalerOnnx` once per prompt, gated by `gate_body` on the prompt's predicted IoUs
+    and `upscale_iou_threshold`. The Scan slices the per-prompt values and reads the two per-image
+    ones (`shared0`, `shared1`) whole, from outside its body.
     """
     inputs, outputs = manifest_mod.POINTS_DECODER_INPUTS, manifest_mod.POINTS_DECODER_OUTPUTS
     (masks_name, (_, masks, h, w)), (iou_name, iou_shape), (side_name, side_shape) = outputs
     gate_name, gate_shape = manifest_mod.POINTS_DECODER_GATE
-    cache_name = manifest_mod.POINTS_DECODER_CACHE[0]
+    cache_name, cache_shape = manifest_mod.POINTS_DECODER_CACHE
     grid_h, grid_w = model.prompt_encoder.image_embedding_size  # 64 x 64 image tokens
-    channels = model.mask_decoder.transformer_dim  # 256
     hyper_channels = model.mask_decoder.output_upscaling[3].out_channels  # 32
     with torch.no_grad():
         embeddings, coords, labels = _example_decoder_inputs(TRACE_B, TRACE_N)[:3]
-        side = ImageSideOnnx(model).eval()(embeddings)
-        head_example = PointsDecoderOnnx(model).eval()(embeddings, coords, labels, side)
+        *pieces, packed = ImageSideOnnx(model).eval()(embeddings)
+        head_example = PointsDecoderOnnx(model).eval()(coords, labels, *pieces)
     *_, rows0, rows1, _, _, shared0, shared1 = head_example  # see PointsDecoderOnnx.forward
+    piece_specs = tuple((name, tuple(piece.shape)) for name, piece in zip(IMAGE_SIDE_PIECES, pieces))
+    shared = (("shared0", tuple(shared0.shape)), ("shared1", tuple(shared1.shape)))  # per image, read whole
     # (name, shape) of every value the head hands the Scan; "B" is the batch, "hT" heads x tokens.
     positions = grid_h * grid_w
     to_body = (("weights0", ("B", positions, "hT")), ("weights1", ("B", positions, "hT")),
                ("rstd0", ("B", positions, 1)), ("rstd1", ("B", positions, 1)),
                ("rows0", ("B", "2hT", rows0.shape[-1])), ("rows1", ("B", "2hT", rows1.shape[-1])),
                ("hyper_in", ("B", masks, hyper_channels)))
-    shared = (("shared0", tuple(shared0.shape)), ("shared1", tuple(shared1.shape)))  # per image, read whole
-    # The head reads the image side as an input; cached_or_computed then makes it an If's output.
-    head_inputs = tuple(item for item in inputs if item[0] not in (gate_name, cache_name)) + ((side_name, side_shape),)
+    # The head reads the image side's pieces as inputs; cached_or_computed then makes them an If's outputs.
+    prompt_inputs = tuple(item for item in inputs if item[0] in ("point_coords", "point_labels"))
+    head_inputs = prompt_inputs + piece_specs
     head_outputs = to_body + ((iou_name, iou_shape),) + shared
-    head = _torch_export(PointsDecoderOnnx(model).eval(), (embeddings, coords, labels, side), head_inputs,
+    head = _torch_export(PointsDecoderOnnx(model).eval(), (coords, labels, *pieces), head_inputs,
                          head_outputs, _dynamic_axes(head_inputs + head_outputs), opset)
-    compute_side = _torch_export(ImageSideOnnx(model).eval(), (embeddings,), inputs[:1], [(side_name, side_shape)],
-                                 None, opset)
-    cached_or_computed(head, side_name, cache_name, compute_side, prefix="image_side/")
+    branch_outputs = list(piece_specs) + [(side_name, side_shape)]
+    compute_side = _torch_export(ImageSideOnnx(model).eval(), (embeddings,), inputs[:1], branch_outputs, None, opset)
+    side_from_cache = _torch_export(CachedImageSideOnnx().eval(), (packed,), [(cache_name, cache_shape)],
+                                    branch_outputs, _dynamic_axes([(cache_name, cache_shape), (side_name, side_shape)]),
+                                    opset)
+    cached_or_computed(head, IMAGE_SIDE_PIECES, side_name, side_from_cache, compute_side, prefix="image_side/")
     head.graph.input.append(onnx.helper.make_tensor_value_info(gate_name, onnx.TensorProto.FLOAT, list(gate_shape)))
     body_inputs = [(name, shape[1:]) for name, shape in to_body] + list(shared)
     body_example = tuple(x[0] for x in head_example[:len(to_body)]) + (shared0, shared1)  # one prompt's
@@ -272,15 +279,18 @@ def export_model(out_dir, checkpoint=None, seed=0, opset=17):
     """Export TinySAM vit_t to `out_dir` (replaced whole, atomically).
 
     Args:
-        out_dir: str or Path of the model directory to create or replace.
+        out_dir: str or Path of the model directory to create, or to replace when it is empty or
+            an earlier model directory (the rule of `tinysam_export.out_dir`).
         checkpoint: path of a vit_t checkpoint, or None for random weights from `seed`.
         seed: int, used only when `checkpoint` is None.
         opset: ONNX opset (17 is the tested one).
     Returns:
         Path of the published manifest.json.
     Raises:
-        ValueError: bad arguments or a checkpoint that does not match (keys named).
+        ValueError: bad arguments, an `out_dir` that would delete other files, or a checkpoint
+            that does not match (keys named).
     """
+    check_model_out_dir(out_dir)  # before the model is built: nothing slow for a refused --out
     if checkpoint is None and (not isinstance(seed, int) or isinstance(seed, bool)):
         raise ValueError(f"seed must be an int when no checkpoint is given, got {seed!r}")
     if checkpoint is not None and not Path(checkpoint).is_file():
@@ -305,7 +315,8 @@ def main(argv=None):
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", type=Path, help="TinySAM vit_t checkpoint, e.g. tinysam_42.3.pth")
     source.add_argument("--random-seed", type=int, metavar="N", help="export seeded random weights instead")
-    parser.add_argument("--out", type=Path, required=True, help="output model directory (replaced whole)")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="output model directory: new, empty, or an earlier export (replaced whole)")
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset")
     args = parser.parse_args(argv)
     try:

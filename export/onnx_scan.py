@@ -4,7 +4,7 @@ The tracer cannot emit a loop, so a per-item stage is traced on its own (one ite
 and spliced in here as the body of an ONNX `Scan` over axis 0 of the outer graph's outputs. Every
 name inside the body gets a prefix, so nothing in it shadows a name of the outer graph.
 `gate_body` wraps such a body in an If on a per-item score; `cached_or_computed` lets a caller
-pass in a value the graph would otherwise compute on every run (e.g. a per-image tensor).
+pass in values the graph would otherwise compute on every run (e.g. per-image tensors).
 """
 
 import numpy as np
@@ -167,63 +167,74 @@ def scan_over_batch(outer, body, scan_inputs, scan_outputs, graph_outputs, prefi
     return outer
 
 
-def cached_or_computed(outer, value, cache_input, compute, prefix):
-    """Let the caller pass in a value the graph would otherwise compute on every run.
+def _branch(model, prefix, name):
+    """`model`'s graph as an If branch: every name it defines gets `prefix`, its inputs are
+    dropped (a branch reads them as outer-scope values) and its outputs keep their positions."""
+    graph = onnx.GraphProto()
+    graph.CopyFrom(model.graph)
+    own = _defined_names(graph) - {v.name for v in graph.input}
+    _rename(graph, {defined: prefix + defined for defined in own}, prefix)
+    del graph.input[:]
+    graph.name = name
+    return graph
 
-    `value`, a graph input of `outer`, becomes the output of an If: the new graph input
-    `cache_input` when that has any elements, else the output of `compute`, run inside the
-    branch on `outer`'s inputs (referenced by name). `value` also becomes the last graph output,
-    so a caller can keep it from one run and pass it as `cache_input` to the next.
+
+def cached_or_computed(outer, values, returned, from_cache, compute, prefix):
+    """Let the caller pass in values the graph would otherwise compute on every run.
+
+    The values named `values` (graph inputs of `outer`, or values a graph spliced in later will
+    read) become the outputs of an If on whether the cache input
+    (`from_cache`'s one input, added as a graph input) has any elements: if so, `from_cache`
+    takes them out of it; else `compute` computes them from graph inputs. Both branches also
+    return `returned`, which becomes the last graph output: `compute` the cache for the caller to
+    keep and pass in on later runs, `from_cache` an empty tensor (the caller holds the cache
+    already; an If returning an outer value copies it on every run).
 
     Args:
-        outer: onnx.ModelProto with a graph input named `value`.
-        value: that input's name.
-        cache_input: name of the new graph input; same type as `value`, first axis dynamic
-            ("S"), an empty (size-0) tensor meaning "compute it".
-        compute: onnx.ModelProto whose inputs are graph inputs of `outer` (same names) and whose
-            single output has `value`'s type. Same opsets as `outer`.
-        prefix: prepended to every name `compute` defines and to the new nodes' names.
+        outer: onnx.ModelProto.
+        values: the names; those that are graph inputs of `outer` stop being inputs.
+        returned: name of the new graph output.
+        from_cache: onnx.ModelProto, one input (the cache input, first axis dynamic, an empty
+            tensor meaning "compute them") -> `values` then `returned`, in that order.
+        compute: onnx.ModelProto whose inputs become (or are already) graph inputs of `outer` ->
+            `values` then `returned`. Its outputs' types are the If's.
+        prefix: prepended to every name the branches define and to the new nodes' names.
     Returns:
         `outer`, modified in place and checked with onnx.checker.
     """
     graph = outer.graph
-    declared = next((v for v in graph.input if v.name == value), None)
-    if declared is None:
-        raise ValueError(f"{value!r} is not a graph input of the outer model")
-    if len(compute.graph.output) != 1:
-        raise ValueError(f"compute must have one output, has {len(compute.graph.output)}")
-    outer_inputs = {v.name for v in graph.input} - {value}
-    if {v.name for v in compute.graph.input} - outer_inputs:
-        raise ValueError(f"compute's inputs {[v.name for v in compute.graph.input]} must be inputs of the outer model")
-    opsets = {(o.domain, o.version) for o in outer.opset_import}
-    if {(o.domain, o.version) for o in compute.opset_import} - opsets:
-        raise ValueError("compute's opsets are not all in the outer model's")
-
-    computed = onnx.GraphProto()
-    computed.CopyFrom(compute.graph)
-    own = _defined_names(computed) - {v.name for v in computed.input}
-    _rename(computed, {name: prefix + name for name in own}, prefix)
-    del computed.input[:]  # a branch sees them as outer-scope values
-    computed.name = "compute"
-    given = helper.make_graph(
-        [helper.make_node("Identity", [cache_input], [prefix + "given"], name=prefix + "given")], "given", [],
-        [helper.make_tensor_value_info(prefix + "given", declared.type.tensor_type.elem_type, None)])
-    cache = onnx.ValueInfoProto()
-    cache.CopyFrom(declared)
-    cache.name = cache_input
-    cache.type.tensor_type.shape.dim[0].Clear()
-    cache.type.tensor_type.shape.dim[0].dim_param = "S"
+    declared = {v.name: v for v in graph.input}
+    for branch, label in ((from_cache, "from_cache"), (compute, "compute")):
+        outputs = [v.name for v in branch.graph.output]
+        if len(outputs) != len(values) + 1:
+            raise ValueError(f"{label} must return the {len(values)} values and then {returned!r}, returns {outputs}")
+        opsets = {(o.domain, o.version) for o in outer.opset_import}
+        if {(o.domain, o.version) for o in branch.opset_import} - opsets:
+            raise ValueError(f"{label}'s opsets are not all in the outer model's")
+    if len(from_cache.graph.input) != 1:
+        raise ValueError(f"from_cache must have one input (the cache), has {len(from_cache.graph.input)}")
+    cache = from_cache.graph.input[0]
+    has_cache = prefix + "has_cache"
     nodes = [
-        helper.make_node("Size", [cache_input], [prefix + "size"], name=prefix + "size"),
-        helper.make_node("Greater", [prefix + "size", prefix + "zero"], [prefix + "has_cache"], name=prefix + "has_cache"),
-        helper.make_node("If", [prefix + "has_cache"], [value], name=prefix + "if", then_branch=given, else_branch=computed),
+        helper.make_node("Size", [cache.name], [prefix + "size"], name=prefix + "size"),
+        helper.make_node("Greater", [prefix + "size", prefix + "zero"], [has_cache], name=prefix + "has_cache"),
+        helper.make_node("If", [has_cache], [*values, returned], name=prefix + "if",
+                         then_branch=_branch(from_cache, prefix + "cached/", "from_cache"),
+                         else_branch=_branch(compute, prefix + "computed/", "compute")),
     ]
     graph.initializer.append(onnx.numpy_helper.from_array(np.array(0, np.int64), prefix + "zero"))
-    graph.input.remove(declared)
-    graph.input.append(cache)
+    for name in values:
+        if name in declared:  # values nothing reads yet (e.g. read by a Scan body spliced in later) are not inputs
+            graph.input.remove(declared[name])
+    for value in [*compute.graph.input, cache]:
+        if value.name not in {v.name for v in graph.input}:
+            graph.input.append(value)
+    result = onnx.ValueInfoProto()
+    result.CopyFrom(compute.graph.output[len(values)])
+    result.name = returned
     ordered = nodes + list(graph.node)  # the If first keeps the graph topologically sorted
     del graph.node[:]
     graph.node.extend(ordered)
-    graph.output.append(declared)
+    graph.output.append(result)
     onnx.checker.check_model(outer)
     return outer

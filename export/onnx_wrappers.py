@@ -283,16 +283,16 @@ def shared_first_products(upscaler, norms, image):
     Args:
         image: (1, L, 256), embedding + no-mask embedding (X0).
     Returns:
-        (2, L, (j1, c1)): S_i = X0c diag(g0 g1) W_i - m (1' diag(g1) W_i) for kernel rows i1 = 0, 1,
-        with X0c = X0 centred over channels and m = mean over channels of X0c g0, (L, 1).
+        S_0, S_1, (L, (j1, c1)) each: S_i = X0c diag(g0 g1) W_i - m (1' diag(g1) W_i) for kernel
+        rows i1 = 0, 1, with X0c = X0 centred over channels and m = mean over channels of X0c g0, (L, 1).
     """
     centred = image - image.mean(-1, keepdim=True)  # (1, L, 256)
     spread = (centred * norms[0].weight).mean(-1, keepdim=True)  # (1, L, 1)
     gains = norms[0].weight * norms[1].weight
     # The gains go on the image, not into W_i: the graph then holds W_i itself (as the initializer
     # `...upscaler.w1_<i>`), which `upscaler_int8.on_image_tokens` needs to undo the factoring.
-    return torch.cat([(centred * gains) @ w - spread * last.sum(0)
-                      for w, (_, last) in zip(upscaler.first_weights, _normed_first_weights(upscaler, norms))])
+    return tuple(((centred * gains) @ w - spread * last.sum(0))[0]
+                 for w, (_, last) in zip(upscaler.first_weights, _normed_first_weights(upscaler, norms)))
 
 
 def first_product_bias(upscaler, norms):
@@ -352,19 +352,26 @@ def factored_first_inputs(weights0, weights1, rstd0, rstd1):
     return torch.cat([scale * weights0, rstd1 * weights1], dim=-1), scale
 
 
+# The pieces of the points decoder's per-image side, in the order they are packed in its cache.
+IMAGE_SIDE_PIECES = ("side_k", "side_v", "side_q", "side_shared0", "side_shared1", "side_image")
+
+
 def points_image_side(decoder, image_embeddings):
     """The prompt-independent part of the points decoder, for one image.
 
     Without a mask input every prompt sees the same image side (embedding + no-mask embedding,
     positional encoding), so the token -> image attention's k/v projections and the image ->
     token attention's q projection of it in layer 0 are the same for every prompt of an image,
-    and so is the image's part of the first upscaler GEMM (`shared_first_products`).
+    and so is the image's part of the first upscaler GEMM (`shared_first_products`); the image
+    tokens themselves are kept too, so no per-image work is left in a call on a cached image.
 
     Args:
         decoder: DecoderOnnx; image_embeddings: (1, 256, 64, 64).
     Returns:
-        (5, h, 4096, d): k and v of cross_attn_token_to_image, q of cross_attn_image_to_token,
-        then the (2, 4096, 128) shared first products, stored flat.
+        The IMAGE_SIDE_PIECES, each (n, h, 4096, d) as stored in the cache (`side_pieces`):
+        k and v of cross_attn_token_to_image and q of cross_attn_image_to_token (n = 1 each);
+        the shared first products S_0, S_1 ((4096, (j1, c1)) each, flat, n = 1); the image
+        tokens ((1, 4096, 256), flat, n = 2).
     """
     prompt, transformer = decoder.prompt_encoder, decoder.mask_decoder.transformer
     layer0 = transformer.layers[0]
@@ -376,20 +383,39 @@ def points_image_side(decoder, image_embeddings):
     v = _heads(to_image.v_proj(image), to_image.num_heads)
     q = _heads(to_tokens.q_proj(image + pos), to_tokens.num_heads)
     norms = tuple(layer.norm4 for layer in transformer.layers)
-    shared = shared_first_products(decoder.upscaler, norms, image).reshape(2, *k.shape[1:])  # (2, h, 4096, d), flat
-    return torch.cat([k, v, q, shared], dim=0)  # (5, h, 4096, d)
+    shared0, shared1 = shared_first_products(decoder.upscaler, norms, image)  # (4096, (j1, c1)) each
+    return (k, v, q) + tuple(x.reshape(-1, *k.shape[1:]) for x in (shared0, shared1, image))
+
+
+def side_pieces(side_shared0, side_shared1, side_image):
+    """The flat-stored pieces of `points_image_side` in the shapes they are used in:
+    S_0, S_1 (4096, (j1, c1)) and the image tokens (1, 4096, 256). Only reshapes: the cache
+    holds them in this memory order."""
+    positions = side_image.shape[2]
+    return side_shared0.reshape(positions, -1), side_shared1.reshape(positions, -1), side_image.reshape(1, positions, -1)
 
 
 class ImageSideOnnx(nn.Module):
-    """`points_image_side`: image_embeddings (1, 256, 64, 64) -> (5, h, 4096, d). The branch of the
-    points decoder graph that runs when the caller has no cached image side for this image."""
+    """`points_image_side`: image_embeddings (1, 256, 64, 64) -> the IMAGE_SIDE_PIECES, then the
+    cache holding them (7, h, 4096, d). The branch of the points decoder graph that runs when the caller
+    has no cached image side for this image."""
 
     def __init__(self, model):
         super().__init__()
         self.decoder = DecoderOnnx(model)
 
     def forward(self, image_embeddings):
-        return points_image_side(self.decoder, image_embeddings)
+        pieces = points_image_side(self.decoder, image_embeddings)
+        return (*pieces, torch.cat(pieces, dim=0))
+
+
+class CachedImageSideOnnx(nn.Module):
+    """A cached image side (7, h, 4096, d) -> the IMAGE_SIDE_PIECES (one Split), then an empty
+    (0, h, 4096, d) tensor. The branch of the points decoder graph that runs when the caller passes
+    the cache: the caller holds the cache already, and returning it would copy 14 MiB per call."""
+
+    def forward(self, cache):
+        return (*torch.split(cache, [1, 1, 1, 1, 1, 2]), cache[:0])
 
 
 class PointsDecoderOnnx(nn.Module):
@@ -401,12 +427,12 @@ class PointsDecoderOnnx(nn.Module):
         super().__init__()
         self.decoder = DecoderOnnx(model)
 
-    def forward(self, image_embeddings, point_coords, point_labels, image_side):
+    def forward(self, point_coords, point_labels, side_k, side_v, side_q, side_shared0, side_shared1, side_image):
         """`DecoderOnnx.predict_masks` with has_mask_input = 0 for every prompt, before upscaling.
 
         Without a mask input every prompt sees the same image side (embedding + no-mask embedding,
         positional encoding), so layer 0's image-side k/v (tokens -> image) and q (image -> tokens)
-        projections are computed once per image (`points_image_side`, given here as `image_side`)
+        projections are computed once per image (`points_image_side`, whose pieces are given here)
         and broadcast over the B prompts. After layer 0 the image
         side differs per prompt; there every image-side projection (4096 x 256 x 128 MACs) is
         multiplied through the 5 + N tokens instead (4096 x 256 x 8(5 + N)), which is cheaper
@@ -416,10 +442,11 @@ class PointsDecoderOnnx(nn.Module):
         returns its per-prompt factors. Only the order of summation differs from SAM's decoder.
 
         Args:
-            image_embeddings: (1, 256, 64, 64) float32.
             point_coords: (B, N, 2) float32, XY pixels, 1024 frame (padding rule as DecoderOnnx).
             point_labels: (B, N) float32; 1 fg, 0 bg, 2/3 box corners, -1 padding.
-            image_side: (5, h, 4096, d), `points_image_side` of this image.
+            side_k, side_v, side_q, side_shared0, side_shared1, side_image: `points_image_side` of
+                this image, as stored in its cache (`side_pieces` reshapes the last three; done here,
+                outside the If that takes them from the cache, a reshape copies nothing).
         Returns:
             The inputs of `UpscalerOnnx` with a B axis in front where per prompt:
             weights0, weights1 (B, 4096, hT); rstd0, rstd1 (B, 4096, 1); rows0, rows1
@@ -434,12 +461,11 @@ class PointsDecoderOnnx(nn.Module):
         b = tokens.shape[0]
         output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)  # (5, 256)
         tokens = torch.cat([output_tokens.unsqueeze(0).expand(b, -1, -1), tokens], dim=1)  # (B, T, 256)
-        no_mask = prompt.no_mask_embed.weight.reshape(1, -1, 1, 1)
-        image = (image_embeddings + no_mask).flatten(2).transpose(1, 2)  # (1, 4096, 256)
         pos = prompt.get_dense_pe().flatten(2).transpose(1, 2)  # (1, 4096, 256)
+        shared0, shared1, image = side_pieces(side_shared0, side_shared1, side_image)
 
         # Layer 0 (skip_first_layer_pe): the image side is shared by the batch.
-        k, v, shared_q = (image_side[i : i + 1] for i in range(3))  # (1, h, 4096, d) each
+        k, v, shared_q = side_k, side_v, side_q  # (1, h, 4096, d) each
         queries = layer0.norm1(layer0.self_attn(q=tokens, k=tokens, v=tokens))  # (B, T, 256)
         attn = layer0.cross_attn_token_to_image
         h, d = attn.num_heads, attn.internal_dim // attn.num_heads
@@ -472,7 +498,6 @@ class PointsDecoderOnnx(nn.Module):
         norms = (layer0.norm4, layer1.norm4)
         heads = layer1.cross_attn_image_to_token.num_heads
         rows0, rows1 = factored_first_weights(base.upscaler, norms, heads, factors0, factors1)
-        shared0, shared1 = (image_side[3 + i].reshape(-1, rows0.shape[-1]) for i in range(2))  # (4096, (j1, c1))
         return factors0[0], factors1[0], rstd0, rstd1, rows0, rows1, hyper_in, iou_pred, shared0, shared1
 
 

@@ -8,6 +8,7 @@ runtime's own sessions; the reference is `torch_model` (same seed) called the Sa
 import json
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 
 torch = pytest.importorskip("torch", reason="needs the dev extra (torch)")
@@ -15,7 +16,7 @@ pytest.importorskip("segment_anything", reason="needs the dev extra (segment_any
 
 from tinysam_export import export_onnx  # noqa: E402
 from tinysam_export.model.build import PIXEL_MEAN, PIXEL_STD, build_tinysam, save_random_checkpoint  # noqa: E402
-from tinysam_rt.manifest import load_manifest, sha256_file  # noqa: E402
+from tinysam_rt.manifest import MANIFEST_FORMAT, load_manifest, sha256_file  # noqa: E402
 from tinysam_rt.sessions import DecoderSession, EncoderSession, PointsDecoderSession, PromptDecoder  # noqa: E402
 
 pytestmark = pytest.mark.torch
@@ -201,13 +202,20 @@ def test_points_decoder_image_side_cache_changes_no_bit(torch_model, torch_embed
     cache = {}
     computed = points_decoder.run(embeddings, feeds["point_coords"], feeds["point_labels"], cache=cache)
     (key, image_side), = cache.items()
-    assert image_side.shape == (5, 8, 4096, 16) and not image_side.flags.writeable
+    assert image_side.shape == (7, 8, 4096, 16) and not image_side.flags.writeable
     assert key[1] == points_decoder.graph.sha256  # another graph file would not read it
     # Read back from the cache on the next call: bit for bit the same outputs, still SAM's.
     again = points_decoder.run(embeddings, feeds["point_coords"], feeds["point_labels"], cache=cache)
     for a, b in zip(computed, again):
         np.testing.assert_array_equal(a, b)
     assert cache[key] is image_side
+    # Given the cache, the graph returns an empty image_side: no 14 MiB copy back per call.
+    session = ort.InferenceSession(str(points_decoder.graph.path), providers=["CPUExecutionProvider"])
+    raw_feeds = {"image_embeddings": embeddings, "point_coords": feeds["point_coords"],
+                 "point_labels": feeds["point_labels"], "upscale_iou_threshold": np.array(-np.inf, np.float32),
+                 "image_side_cache": image_side}
+    raw = session.run(["image_side"], raw_feeds)[0]
+    assert raw.shape == (0, 8, 4096, 16)
     expected_masks, expected_iou = _sam_decoder(torch_model, torch_embeddings, coords, labels, None, None)
     assert np.abs(again[0] - expected_masks).max() <= TOLERANCE and np.abs(again[1] - expected_iou).max() <= TOLERANCE
     # A cache really replaces the computation: another image's side gives other masks.
@@ -290,16 +298,17 @@ def _fail(model_dir, model):
 @pytest.mark.parametrize("existing", [False, True], ids=["new_dir", "existing_dir"])
 def test_failed_export_leaves_nothing_and_keeps_previous_output(tmp_path, monkeypatch, existing):
     target = tmp_path / "vit_t"
+    previous = {"format": MANIFEST_FORMAT, "previous": True}  # an earlier export: the only non-empty --out replaced
     if existing:
         target.mkdir()
-        (target / "manifest.json").write_text(json.dumps({"previous": True}))
+        (target / "manifest.json").write_text(json.dumps(previous))
     monkeypatch.setattr(export_onnx, "smoke_run", _fail)
     with pytest.raises(RuntimeError, match="smoke run failed"):
         export_onnx.export_model(target, seed=0)
     assert [p.name for p in tmp_path.iterdir()] == (["vit_t"] if existing else [])  # no temp leftovers
     if existing:
         assert [p.name for p in target.iterdir()] == ["manifest.json"]
-        assert json.loads((target / "manifest.json").read_text()) == {"previous": True}
+        assert json.loads((target / "manifest.json").read_text()) == previous
 
 
 def test_export_without_checkpoint_needs_an_int_seed(tmp_path):

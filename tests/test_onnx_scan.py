@@ -126,37 +126,74 @@ def _side_model():
     return helper.make_model(graph, opset_imports=OPSET)
 
 
-def _side_compute():
-    """x (B, 3) -> side_out = 10 * max over the batch (1, 3). Its `y` is also the outer output's
-    name: the splice must keep them apart."""
+def _side_compute(input_name="x"):
+    """x (B, 3) -> side_out = 10 * max over the batch (1, 3), then the cache holding it (1, 3). Its
+    `y` is also the outer output's name: the splice must keep them apart."""
     graph = helper.make_graph(
-        [helper.make_node("ReduceMax", ["x"], ["y"], name="max", axes=[0], keepdims=1),
-         helper.make_node("Mul", ["y", "w"], ["side_out"], name="mul")],
-        "compute", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 3])],
-        [helper.make_tensor_value_info("side_out", TensorProto.FLOAT, [1, 3])],
+        [helper.make_node("ReduceMax", [input_name], ["y"], name="max", axes=[0], keepdims=1),
+         helper.make_node("Mul", ["y", "w"], ["side_out"], name="mul"),
+         helper.make_node("Identity", ["side_out"], ["packed"], name="pack")],
+        "compute", [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, ["B", 3])],
+        [helper.make_tensor_value_info("side_out", TensorProto.FLOAT, [1, 3]),
+         helper.make_tensor_value_info("packed", TensorProto.FLOAT, [1, 3])],
         [numpy_helper.from_array(np.array(10, np.float32), "w")])
     return helper.make_model(graph, opset_imports=OPSET)
 
 
-def test_a_cached_input_is_used_when_given_and_computed_when_empty():
-    model = cached_or_computed(_side_model(), "side", "side_cache", _side_compute(), prefix="side/")
+def _side_from_cache():
+    """side_cache (S, 3) -> its first row (1, 3), then an empty (0, 3) tensor."""
+    graph = helper.make_graph(
+        [helper.make_node("Slice", ["side_cache", "zero", "one"], ["row"], name="row"),
+         helper.make_node("Slice", ["side_cache", "zero", "zero"], ["empty"], name="empty")],
+        "from_cache", [helper.make_tensor_value_info("side_cache", TensorProto.FLOAT, ["S", 3])],
+        [helper.make_tensor_value_info("row", TensorProto.FLOAT, [1, 3]),
+         helper.make_tensor_value_info("empty", TensorProto.FLOAT, [0, 3])],
+        [numpy_helper.from_array(np.array([0], np.int64), "zero"), numpy_helper.from_array(np.array([1], np.int64), "one")])
+    return helper.make_model(graph, opset_imports=OPSET)
+
+
+def test_cached_values_are_used_when_given_and_computed_when_empty():
+    model = cached_or_computed(_side_model(), ["side"], "side_packed", _side_from_cache(), _side_compute(),
+                               prefix="side/")
     assert [v.name for v in model.graph.input] == ["x", "side_cache"]
-    assert [v.name for v in model.graph.output] == ["y", "side"]
+    assert [v.name for v in model.graph.output] == ["y", "side_packed"]
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     x = np.array([[1, -2, 3], [4, 0, -6]], np.float32)
-    y, side = session.run(None, {"x": x, "side_cache": np.zeros((0, 3), np.float32)})
-    np.testing.assert_array_equal(side, [[40, 0, 30]])
-    np.testing.assert_array_equal(y, x + side)
+    y, packed = session.run(None, {"x": x, "side_cache": np.zeros((0, 3), np.float32)})
+    np.testing.assert_array_equal(packed, [[40, 0, 30]])  # computed, and returned for the caller to keep
+    np.testing.assert_array_equal(y, x + packed)
     given = np.array([[0.5, 0.25, -1]], np.float32)
-    y, side = session.run(None, {"x": x, "side_cache": given})
-    np.testing.assert_array_equal(side, given)
+    y, packed = session.run(None, {"x": x, "side_cache": given})
+    assert packed.shape == (0, 3)  # the caller holds the cache: nothing copied back
     np.testing.assert_array_equal(y, x + given)
 
 
+def test_compute_inputs_become_graph_inputs_and_values_need_not_be_inputs():
+    outer = _side_model()
+    model = cached_or_computed(outer, ["side", "unread"], "side_packed", _two(_side_from_cache()),
+                               _two(_side_compute("z")), prefix="side/")
+    assert [v.name for v in model.graph.input] == ["x", "z", "side_cache"]
+    if_node = next(n for n in model.graph.node if n.op_type == "If")
+    assert list(if_node.output) == ["side", "unread", "side_packed"]
+
+
+def _two(branch):
+    """`branch` returning its first output twice (as two values), then its last one."""
+    graph = branch.graph
+    first, last = graph.output[0], graph.output[-1]
+    graph.node.append(helper.make_node("Identity", [first.name], [first.name + "_again"], name="again"))
+    again = onnx.ValueInfoProto()
+    again.CopyFrom(first)
+    again.name = first.name + "_again"
+    del graph.output[:]
+    graph.output.extend([first, again, last])
+    return branch
+
+
 def test_cached_input_misuse_is_named():
-    with pytest.raises(ValueError, match="'nope' is not a graph input"):
-        cached_or_computed(_side_model(), "nope", "side_cache", _side_compute(), prefix="side/")
-    compute = _side_compute()
-    compute.graph.input[0].name = "z"
-    with pytest.raises(ValueError, match="must be inputs of the outer model"):
-        cached_or_computed(_side_model(), "side", "side_cache", compute, prefix="side/")
+    with pytest.raises(ValueError, match=r"from_cache must return the 2 values and then 'side_packed', returns \['row', 'empty'\]"):
+        cached_or_computed(_side_model(), ["side", "more"], "side_packed", _side_from_cache(), _side_compute(), prefix="s/")
+    cache = _side_from_cache()
+    cache.graph.input.append(helper.make_tensor_value_info("extra", TensorProto.FLOAT, [1]))
+    with pytest.raises(ValueError, match="from_cache must have one input \\(the cache\\), has 2"):
+        cached_or_computed(_side_model(), ["side"], "side_packed", cache, _side_compute(), prefix="s/")

@@ -18,8 +18,8 @@ class ImageEmbedding:
         input_size: (h, w) after resizing the longest side to 1024, before padding.
         model_id: sha256 of the encoder that made `features`.
         decoder_cache: per-image tensors the decoder derives from `features` once and reuses for
-            every later prompt on this image (the points decoder's image side, 10 MiB; 6 in older exports), filled on
-            the first prompt. Not part of equality.
+            every later prompt on this image (the points decoder's image side, 14 MiB; 10 or 6 in
+            older exports), filled on the first prompt. Not part of equality.
     """
 
     features: np.ndarray

@@ -75,9 +75,11 @@ DECODER_OUTPUTS = (
 # - a scalar gate: a prompt's masks are computed only if one of its 3 predicted IoUs is above it
 #   (the others come back as zeros; everything mode drops them by the same threshold);
 # - the per-image part of its first layer (`image_side`, the same for every prompt of an image):
-#   returned by every run, and passed back as `image_side_cache` on later runs for the same image
-#   it is not recomputed; an empty (0, 8, 4096, 16) cache means "compute it". Its first axis is
-#   the graph's own business (3 slices in exports before the factored upscaler, 5 since).
+#   returned by a run that computed it, and passed back as `image_side_cache` on later runs for
+#   the same image it is not recomputed; an empty (0, 8, 4096, 16) cache means "compute it". Its
+#   first axis is the graph's own business (3 slices in exports before the factored upscaler, 5
+#   before the image tokens joined it, 7 since). Since then a run given the cache returns an empty
+#   image_side (earlier exports return the cache again, a copy per call).
 # Exports made before these existed have the first three inputs and two outputs only (the
 # "basic" contract); sessions accept both.
 POINTS_DECODER_GATE = ("upscale_iou_threshold", ())

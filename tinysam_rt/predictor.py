@@ -66,7 +66,7 @@ class TinySAMPredictor:
                 ~/.cache/tinysam-rt/vit_t.
             threads: ORT intra-op threads (None: one per core).
             cache_size: how many image embeddings to keep (LRU); 0 disables caching. Each
-                takes 4 MiB, plus 10 MiB once a point prompt ran on it (the points decoder's
+                takes 4 MiB, plus 14 MiB once a point prompt ran on it (the points decoder's
                 per-image part, see ImageEmbedding.decoder_cache).
         """
         if _shared is None:

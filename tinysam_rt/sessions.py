@@ -210,8 +210,8 @@ class PointsDecoderSession(_GraphSession):
                 (always computed by a graph without the gate).
             cache: None, or a dict kept with this image embedding (and only with it): the
                 per-image part of the first layer is stored there by the first call and read by
-                later ones instead of being recomputed (measured, one prompt: 20.7 ms per call
-                reading it, 33.0 ms computing it; benchmarks/RESULTS.md, session 11).
+                later ones instead of being recomputed (measured, one prompt: 21.4 ms per call
+                reading it, 35.2 ms computing it; benchmarks/RESULTS.md, session 12).
 
         Returns:
             low_res_masks (B, 3, 256, 256) float32 logits, iou_predictions (B, 3) float32.
