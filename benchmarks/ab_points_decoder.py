@@ -31,7 +31,7 @@ from tinysam_rt.predictor import TinySAMPredictor
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_everything import DEFAULT_IMAGE, WithoutGate, _grid_prompts, _run_ours, _stats, _table  # noqa: E402
+from bench_everything import DEFAULT_IMAGE, WithoutGate, _grid_prompts, _run_ours, _stats, _table, report_head  # noqa: E402
 
 SIDES = ("A", "B")
 
@@ -126,12 +126,9 @@ def main(argv=None):
         if p._decoder.points_decoder is None:
             parser.error(f"{side} ({p.manifest.model_dir}) has no points decoder")
     image = load_image(args.image)
-    system = sysinfo.system_info()
-    report = {"command": "python benchmarks/ab_points_decoder.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "started_at": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "system": system,
-              "settings": {"a": str(args.a), "b": str(args.b), "image": args.image.name, "threads": args.threads,
-                           "rounds": args.rounds, "points_per_side": args.points_per_side,
-                           "points_per_batch": args.points_per_batch}}
+    report = report_head("ab_points_decoder.py", argv, {
+        "a": str(args.a), "b": str(args.b), "image": args.image.name, "threads": args.threads, "rounds": args.rounds,
+        "points_per_side": args.points_per_side, "points_per_batch": args.points_per_batch})
     report["calls"] = bench_calls(predictors, image, args.batches, args.rounds)
     if args.mode_rounds:
         report["runs"] = bench_runs(predictors, image, args.points_per_side, args.points_per_batch, args.mode_rounds)

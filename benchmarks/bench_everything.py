@@ -62,6 +62,17 @@ SKIP_FRACTIONS = (0.0, 0.25, 0.5, 0.75, 0.9)
 GATE_FRACTIONS = (0.25, 0.5, 0.75)
 
 
+def report_head(script, argv, settings):
+    """The head of a benchmark's JSON report: the command that made it, when, on which machine.
+
+    Args:
+        script: file name under benchmarks/; argv: the arguments (None: sys.argv[1:]); settings: dict.
+    """
+    return {"command": f"python benchmarks/{script} " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "started_at": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "system": sysinfo.system_info(),
+            "settings": settings}
+
+
 def _stats(times):
     times = np.asarray(times, dtype=np.float64)
     return {"p50_s": float(np.percentile(times, 50)), "p95_s": float(np.percentile(times, 95)),
@@ -789,13 +800,10 @@ def main(argv=None):
         parser.error("--model is required")
     parts = set(args.parts.split(","))
     image = load_image(args.image)
-    system = sysinfo.system_info()
-    report = {"command": "python benchmarks/bench_everything.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "started_at": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "system": system,
-              "settings": {"runs": args.runs, "threads": args.threads, "points_per_side": args.points_per_side,
-                           "points_per_batch": args.points_per_batch, "decoder_workers": args.decoder_workers,
-                           "image": args.image.name,
-                           "image_size": list(image.shape[:2])}}
+    report = report_head("bench_everything.py", argv, {
+        "runs": args.runs, "threads": args.threads, "points_per_side": args.points_per_side,
+        "points_per_batch": args.points_per_batch, "decoder_workers": args.decoder_workers,
+        "image": args.image.name, "image_size": list(image.shape[:2])})
     predictor = TinySAMPredictor(model_dir=args.model, threads=args.threads, cache_size=0)
     int8 = None if args.int8 is None else TinySAMPredictor(model_dir=args.int8, threads=args.threads, cache_size=0)
     if int8 is not None:

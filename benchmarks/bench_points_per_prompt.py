@@ -26,6 +26,9 @@ from tinysam_rt.manifest import load_manifest
 from tinysam_rt.prompts import PAD_LABEL
 from tinysam_rt.sessions import POINTS_DECODER_MAX_POINTS, load_decoder
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_everything import report_head  # noqa: E402
+
 
 def _prompts(rng, batch, points):
     """(B, N, 2) float32 coords in the 1024 frame and (B, N) labels: N - 1 foreground points and
@@ -92,9 +95,8 @@ def main(argv=None):
     decoder = load_decoder(load_manifest(args.model), args.threads)
     if decoder.points_decoder is None:
         parser.error(f"{args.model} has no points decoder")
-    report = {"command": "python benchmarks/bench_points_per_prompt.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "started_at": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "system": sysinfo.system_info(),
-              "settings": {"model": str(args.model), "threads": args.threads, "rounds": args.rounds}}
+    report = report_head("bench_points_per_prompt.py", argv,
+                         {"model": str(args.model), "threads": args.threads, "rounds": args.rounds})
     report["rows"] = bench(decoder, args.batches, args.points, args.rounds)
     report["load_average_end"] = sysinfo.load_average()
     if args.json:
