@@ -93,6 +93,7 @@ def test_cache_size_validation(fp32_model_dir):
     (lambda e: {"features": e.features.tolist()}, "embedding.features must be a float32 array .*got list"),
     (lambda e: {"original_size": "60x80"}, r"embedding.original_size must be \(H, W\) ints >= 2, got '60x80'"),
     (lambda e: {"original_size": (0, 0)}, r"embedding.original_size must be \(H, W\) ints >= 2, got \(0, 0\)"),
+    (lambda e: {"input_size": 768}, r"embedding.input_size must be \(768, 1024\) .*got 768"),
     (lambda e: {"input_size": (1024, 1024)},
      r"embedding.input_size must be \(768, 1024\) \(an image of 60x80 resized to 1024\), got \(1024, 1024\)"),
 ])

@@ -153,7 +153,7 @@ class TinySAMPredictor:
                                                                    for v in size)):
             raise ValueError(f"embedding.original_size must be (H, W) ints >= {preprocess.MIN_IMAGE_SIDE}, got {size!r}")
         expected = preprocess.preprocess_shape(*size, self.manifest.preprocess.image_size)
-        if tuple(embedding.input_size) != expected:
+        if embedding.input_size != expected:  # a tuple, as _encode makes it
             raise ValueError(
                 f"embedding.input_size must be {expected} (an image of {size[0]}x{size[1]} resized to "
                 f"{self.manifest.preprocess.image_size}), got {embedding.input_size!r}"
@@ -242,8 +242,9 @@ class TinySAMPredictor:
         """B prompts, in the 1024 frame, without upsampling.
 
         Any B works: the decoder runs on at most `MAX_DECODER_BATCH` prompts at a time (fewer for
-        prompts of more than 2 points, see MAX_DECODER_POINTS), so its working memory stays bounded; the outputs themselves take 3 * 256 * 256 * 4 bytes
-        (768 KiB) per prompt, and a B whose outputs cannot be allocated is a MemoryError.
+        prompts of more than 2 points, see MAX_DECODER_POINTS), so its working memory stays
+        bounded; the outputs themselves take 3 * 256 * 256 * 4 bytes (768 KiB) per prompt, and a
+        B whose outputs cannot be allocated is a MemoryError.
 
         Args:
             point_coords: (B, N, 2) XY in the 1024 frame; include SAM's padding point (0, 0)
