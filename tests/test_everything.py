@@ -425,6 +425,9 @@ def test_small_region_removal_keeps_clean_masks(region_predictor):
     ("points_per_side", -4, "points_per_side must be an int >= 1, got -4"),
     ("points_per_side", 2.5, "points_per_side must be an int >= 1, got 2.5"),
     ("points_per_batch", 0, "points_per_batch must be an int >= 1, got 0"),
+    ("points_per_side", 100_000, r"points_per_side must be an int in \[1, 1024\], got 100000"),  # a typo, not hours of work
+    ("points_per_batch", 10**6, r"points_per_batch must be an int in \[1, 1024\], got 1000000"),
+    ("decoder_workers", 10**6, r"decoder_workers must be an int in \[1, \d+\], got 1000000"),
     ("decoder_workers", 0, "decoder_workers must be an int >= 1, got 0"),
     ("decoder_workers", 1.5, "decoder_workers must be an int >= 1, got 1.5"),
     ("pred_iou_thresh", 1.5, r"pred_iou_thresh must be a number in \[0, 1\], got 1.5"),

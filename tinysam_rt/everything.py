@@ -32,7 +32,7 @@ from typing import Optional
 
 import numpy as np
 
-from tinysam_rt import amg, postprocess, preprocess
+from tinysam_rt import amg, postprocess, preprocess, sysinfo
 from tinysam_rt.prompts import PAD_LABEL, as_float_array, check_int
 
 OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
@@ -40,6 +40,10 @@ DENSE_POINT_MODES = ("tinysam", "grid")
 SPARSE_DIVISOR = 4  # TinySAM: the sparse grid has points_per_side // 4 points per side
 # Float32 bytes of upsampled logits held at once (intermediate 1024 x 1024 + image-size planes).
 UPSCALE_BUDGET_BYTES = 96 << 20
+# Bounds that catch typos before they take the machine: 1024 per side is a million prompts per
+# crop (hours at ~60 prompts/s; SAM's default is 32); a batch's outputs take 768 KiB per prompt.
+MAX_POINTS_PER_SIDE = 1024
+MAX_POINTS_PER_BATCH = 1024
 
 
 def _is_real(value):
@@ -85,7 +89,7 @@ class AmgConfig:
         check_int(self.crop_n_layers, "crop_n_layers", 0)
         check_int(self.crop_n_points_downscale_factor, "crop_n_points_downscale_factor", 1)
         if self.points_per_side is not None:
-            check_int(self.points_per_side, "points_per_side", 1)
+            check_int(self.points_per_side, "points_per_side", 1, MAX_POINTS_PER_SIDE)
             last = int(self.points_per_side / self.crop_n_points_downscale_factor**self.crop_n_layers)
             if last < 1:  # SAM's own grid code divides by zero here
                 raise ValueError(
@@ -106,8 +110,8 @@ class AmgConfig:
             if any(((g < 0) | (g > 1)).any() for g in grids):
                 raise ValueError("point_grids must hold normalised (x, y) in [0, 1]")
             object.__setattr__(self, "point_grids", grids)
-        check_int(self.points_per_batch, "points_per_batch", 1)
-        check_int(self.decoder_workers, "decoder_workers", 1)
+        check_int(self.points_per_batch, "points_per_batch", 1, MAX_POINTS_PER_BATCH)
+        check_int(self.decoder_workers, "decoder_workers", 1, sysinfo.max_threads())  # a thread each
         for name in ("pred_iou_thresh", "stability_score_thresh", "box_nms_thresh", "crop_nms_thresh",
                      "stability_prefilter_margin"):
             _check_fraction(getattr(self, name), name)

@@ -221,8 +221,11 @@ def is_int(value):
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
-def check_int(value, name, minimum):
-    """Raise ValueError naming `name` unless `value` is an int (not a bool) >= `minimum`."""
+def check_int(value, name, minimum, maximum=None):
+    """Raise ValueError naming `name` unless `value` is an int (not a bool) >= `minimum` (and
+    <= `maximum` when given)."""
+    if maximum is not None and is_int(value) and value > maximum:
+        raise ValueError(f"{name} must be an int in [{minimum}, {maximum}], got {value!r}")
     if not is_int(value) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
