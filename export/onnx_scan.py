@@ -167,16 +167,9 @@ def scan_over_batch(outer, body, scan_inputs, scan_outputs, graph_outputs, prefi
     return outer
 
 
-def _branch(model, prefix, name):
-    """`model`'s graph as an If branch: every name it defines gets `prefix`, its inputs are
-    dropped (a branch reads them as outer-scope values) and its outputs keep their positions."""
-    graph = onnx.GraphProto()
-    graph.CopyFrom(model.graph)
-    own = _defined_names(graph) - {v.name for v in graph.input}
-    _rename(graph, {defined: prefix + defined for defined in own}, prefix)
-    del graph.input[:]
-    graph.name = name
-    return graph
+def _as_branch(model, prefix):
+    """`model`'s graph as an If branch: its inputs become outer-scope references (`_prefixed_body`)."""
+    return _prefixed_body(model, prefix, outer_values={value.name for value in model.graph.input})
 
 
 def cached_or_computed(outer, values, returned, from_cache, compute, prefix):
@@ -219,8 +212,8 @@ def cached_or_computed(outer, values, returned, from_cache, compute, prefix):
         helper.make_node("Size", [cache.name], [prefix + "size"], name=prefix + "size"),
         helper.make_node("Greater", [prefix + "size", prefix + "zero"], [has_cache], name=prefix + "has_cache"),
         helper.make_node("If", [has_cache], [*values, returned], name=prefix + "if",
-                         then_branch=_branch(from_cache, prefix + "cached/", "from_cache"),
-                         else_branch=_branch(compute, prefix + "computed/", "compute")),
+                         then_branch=_as_branch(from_cache, prefix + "cached/"),
+                         else_branch=_as_branch(compute, prefix + "computed/")),
     ]
     graph.initializer.append(onnx.numpy_helper.from_array(np.array(0, np.int64), prefix + "zero"))
     for name in values:
