@@ -14,6 +14,7 @@ survive, which makes the covered region — and so the set of skipped dense poin
 
 import json
 import re
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -467,8 +468,11 @@ def test_numpy_scalars_are_numbers_in_configs():
     config = AmgConfig(points_per_side=np.int64(8), pred_iou_thresh=np.float32(0.8), stability_score_thresh=np.float64(0.9),
                        stability_score_offset=np.float32(1.0), crop_overlap_ratio=np.float32(0.3),
                        min_mask_region_area=np.int32(0))
-    assert config.pred_iou_thresh == np.float32(0.8)
+    assert config.pred_iou_thresh == np.float32(0.8) and type(config.pred_iou_thresh) is float
     assert HierarchicalConfig(high_score_thresh=np.float32(8.5)).high_score_thresh == 8.5
+    assert AmgConfig(pred_iou_thresh=Fraction(1, 2), stability_score_offset=Fraction(1)).pred_iou_thresh == 0.5
+    with pytest.raises(ValueError, match="stability_score_offset must be a finite number >= 0, got 1000"):
+        AmgConfig(stability_score_offset=10**400)  # beyond float64
     with pytest.raises(ValueError, match=r"pred_iou_thresh must be a number in \[0, 1\], got np.True_"):
         AmgConfig(pred_iou_thresh=np.bool_(True))
 

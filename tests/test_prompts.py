@@ -1,3 +1,5 @@
+from fractions import Fraction
+
 import numpy as np
 import pytest
 
@@ -65,6 +67,9 @@ def test_mask_input_validation():
 
 def test_iou_threshold_must_fit_float32():
     assert prompts.validate_iou_threshold(np.float32(0.88)) == pytest.approx(0.88)
+    assert prompts.validate_iou_threshold(Fraction(1, 2)) == 0.5  # any real number
+    with pytest.raises(ValueError, match="upscale_iou_threshold must be finite"):
+        prompts.validate_iou_threshold(10**400)
     with pytest.raises(ValueError, match=r"upscale_iou_threshold must be within float32's range .*got 1e\+40"):
         prompts.validate_iou_threshold(1e40)
 

@@ -25,7 +25,6 @@ With the default margin of 0.05 the result is SAM's; a margin of 1.0 upsamples e
 """
 
 import math
-import numbers
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -33,7 +32,7 @@ from typing import Optional
 import numpy as np
 
 from tinysam_rt import amg, postprocess, preprocess, sysinfo
-from tinysam_rt.prompts import PAD_LABEL, as_float_array, check_int
+from tinysam_rt.prompts import PAD_LABEL, as_float_array, check_int, is_real
 
 OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
 DENSE_POINT_MODES = ("tinysam", "grid")
@@ -46,14 +45,22 @@ MAX_POINTS_PER_SIDE = 1024
 MAX_POINTS_PER_BATCH = 1024
 
 
-def _is_real(value):
-    """True for Python and numpy reals (np.float32(0.8) included), False for bools."""
-    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+def _float(value):
+    """A real number (numpy scalars and Fractions included) as a Python float (inf beyond float64),
+    or None for anything else; configs keep floats so every comparison with arrays stays numeric."""
+    if not is_real(value):
+        return None
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf
 
 
-def _check_fraction(value, name):
-    if not _is_real(value) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+def _check_fraction(config, name):
+    value = _float(getattr(config, name))
+    if value is None or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1], got {getattr(config, name)!r}")
+    object.__setattr__(config, name, value)
 
 
 @dataclass(frozen=True)
@@ -114,12 +121,16 @@ class AmgConfig:
         check_int(self.decoder_workers, "decoder_workers", 1, sysinfo.max_threads())  # a thread each
         for name in ("pred_iou_thresh", "stability_score_thresh", "box_nms_thresh", "crop_nms_thresh",
                      "stability_prefilter_margin"):
-            _check_fraction(getattr(self, name), name)
-        if not (_is_real(self.stability_score_offset) and 0.0 <= self.stability_score_offset < math.inf):
+            _check_fraction(self, name)
+        offset = _float(self.stability_score_offset)
+        if offset is None or not 0.0 <= offset < math.inf:
             raise ValueError(f"stability_score_offset must be a finite number >= 0, got {self.stability_score_offset!r}")
+        object.__setattr__(self, "stability_score_offset", offset)
         check_int(self.min_mask_region_area, "min_mask_region_area", 0)
-        if not _is_real(self.crop_overlap_ratio) or not 0.0 <= self.crop_overlap_ratio < 1.0:
+        overlap = _float(self.crop_overlap_ratio)
+        if overlap is None or not 0.0 <= overlap < 1.0:
             raise ValueError(f"crop_overlap_ratio must be a number in [0, 1), got {self.crop_overlap_ratio!r}")
+        object.__setattr__(self, "crop_overlap_ratio", overlap)
         if self.output_mode not in OUTPUT_MODES:
             raise ValueError(f"output_mode must be one of {OUTPUT_MODES}, got {self.output_mode!r}")
 
@@ -139,9 +150,10 @@ class HierarchicalConfig:
     # each sparse point; "grid": the exact points_per_side grid (SAM's points), minus covered ones
 
     def __post_init__(self):
-        value = self.high_score_thresh
-        if not _is_real(value) or not math.isfinite(value):
-            raise ValueError(f"high_score_thresh must be a finite number (a logit), got {value!r}")
+        value = _float(self.high_score_thresh)
+        if value is None or not math.isfinite(value):
+            raise ValueError(f"high_score_thresh must be a finite number (a logit), got {self.high_score_thresh!r}")
+        object.__setattr__(self, "high_score_thresh", value)
         if self.dense_points not in DENSE_POINT_MODES:
             raise ValueError(f"dense_points must be one of {DENSE_POINT_MODES}, got {self.dense_points!r}")
 

@@ -6,6 +6,9 @@ padding point (0, 0) with label -1 is appended — exactly what SAM's prompt enc
 ONNX decoder sees the same tokens as `SamPredictor`.
 """
 
+import math
+import numbers
+
 import numpy as np
 
 LOW_RES = 256  # side of the decoder's mask_input / low_res_masks
@@ -221,6 +224,11 @@ def is_int(value):
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
+def is_real(value):
+    """True for Python and numpy reals (np.float32(0.8) included), False for bools."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
 def check_int(value, name, minimum, maximum=None):
     """Raise ValueError naming `name` unless `value` is an int (not a bool) >= `minimum` (and
     <= `maximum` when given)."""
@@ -234,10 +242,14 @@ def validate_iou_threshold(value):
     """`predict_batch`'s upscale_iou_threshold: None, or a finite real number (returned as float)."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+    if not is_real(value):
         raise TypeError(f"upscale_iou_threshold must be None or a number, got {type(value).__name__}")
-    if not np.isfinite(value):
+    try:
+        number = float(value)  # any Real (Fraction too); np.isfinite only takes numpy's types
+    except OverflowError:  # a Python int beyond float64
+        number = math.inf
+    if not math.isfinite(number):
         raise ValueError(f"upscale_iou_threshold must be finite, got {value}")
-    if abs(value) > FLOAT32_MAX:  # the graph takes it as float32: it would become inf
+    if abs(number) > FLOAT32_MAX:  # the graph takes it as float32: it would become inf
         raise ValueError(f"upscale_iou_threshold must be within float32's range (|t| <= {FLOAT32_MAX:.3g}), got {value}")
-    return float(value)
+    return number
