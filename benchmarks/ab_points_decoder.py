@@ -16,22 +16,19 @@ asserts speed.
 """
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from tinysam_rt import sysinfo
-from tinysam_rt.atomic import atomic_write_text
 from tinysam_rt.everything import AmgConfig
 from tinysam_rt.io import load_image
 from tinysam_rt.predictor import TinySAMPredictor
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_everything import DEFAULT_IMAGE, WithoutGate, _grid_prompts, _run_ours, _stats, _table, report_head  # noqa: E402
+from bench_everything import DEFAULT_IMAGE, WithoutGate, _grid_prompts, _run_ours, _stats, _table, finish_report, report_head  # noqa: E402
 
 SIDES = ("A", "B")
 
@@ -132,11 +129,7 @@ def main(argv=None):
     report["calls"] = bench_calls(predictors, image, args.batches, args.rounds)
     if args.mode_rounds:
         report["runs"] = bench_runs(predictors, image, args.points_per_side, args.points_per_batch, args.mode_rounds)
-    report["load_average_end"] = sysinfo.load_average()
-    if args.json:
-        atomic_write_text(args.json, json.dumps(report, indent=2) + "\n")
-    sys.stdout.write(render(report))
-    return 0
+    return finish_report(report, args.json, render)
 
 
 if __name__ == "__main__":

@@ -73,6 +73,19 @@ def report_head(script, argv, settings):
             "settings": settings}
 
 
+def finish_report(report, json_path, render):
+    """Stamp the end load average, write the JSON report (when a path is given), print it rendered.
+
+    Returns:
+        0, the exit code.
+    """
+    report["load_average_end"] = sysinfo.load_average()
+    if json_path:
+        atomic_write_text(json_path, json.dumps(report, indent=2) + "\n")
+    sys.stdout.write(render(report))
+    return 0
+
+
 def _stats(times):
     times = np.asarray(times, dtype=np.float64)
     return {"p50_s": float(np.percentile(times, 50)), "p95_s": float(np.percentile(times, 95)),

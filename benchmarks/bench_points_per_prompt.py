@@ -13,21 +13,18 @@ asserts speed.
 """
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from tinysam_rt import sysinfo
-from tinysam_rt.atomic import atomic_write_text
 from tinysam_rt.manifest import load_manifest
 from tinysam_rt.prompts import PAD_LABEL
 from tinysam_rt.sessions import POINTS_DECODER_MAX_POINTS, load_decoder
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_everything import report_head  # noqa: E402
+from bench_everything import finish_report, report_head  # noqa: E402
 
 
 def _prompts(rng, batch, points):
@@ -98,11 +95,7 @@ def main(argv=None):
     report = report_head("bench_points_per_prompt.py", argv,
                          {"model": str(args.model), "threads": args.threads, "rounds": args.rounds})
     report["rows"] = bench(decoder, args.batches, args.points, args.rounds)
-    report["load_average_end"] = sysinfo.load_average()
-    if args.json:
-        atomic_write_text(args.json, json.dumps(report, indent=2) + "\n")
-    sys.stdout.write(render(report))
-    return 0
+    return finish_report(report, args.json, render)
 
 
 if __name__ == "__main__":
